@@ -1,0 +1,69 @@
+"""Loss-store commands: `hardbatch export` and `hardbatch runs`."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from services.redis_server import ENV_URL
+from services.store import LossStore
+
+_URL_HELP = f"Redis of the loss store (default: ${ENV_URL})."
+
+
+def _store(redis_url: str | None) -> LossStore:
+
+    if not redis_url:
+        raise click.UsageError(
+            f"no loss store configured: pass --redis-url or set {ENV_URL} (an embedded Redis "
+            "lives only as long as the command that started it, so there is nothing to read)"
+        )
+    return LossStore.from_url(redis_url)
+
+
+@click.command("export")
+@click.argument("run")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="Parquet file for the hardness table (one row per sample).")
+@click.option("--log", "with_log", is_flag=True,
+              help="Also write the raw loss log still in the store to OUT's .log.parquet.")
+@click.option("--redis-url", envvar=ENV_URL, help=_URL_HELP)
+@click.option("--timeout", default=60.0, show_default=True,
+              help="Seconds allowed for replaying the log.")
+def export_cmd(run: str, out: str, with_log: bool, redis_url: str | None, timeout: float) -> None:
+    """Write RUN's hardness table (and optionally its loss log) to Parquet.
+
+    Read it back with `services.export.read_export(OUT)`.
+    """
+    from services.export import export_run
+    from services.store import StoreError
+
+    store = _store(redis_url)
+    try:
+        summary = export_run(store, run, out, log=with_log, timeout_s=timeout)
+    except StoreError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"wrote {summary['table']} ({summary['rows']} samples, "
+               f"{summary['meta']['applied_records']} records applied)")
+    if with_log:
+        note = "" if summary["log_complete"] else " (older entries were trimmed by snapshots)"
+        click.echo(f"wrote {summary['log']} ({summary['log_rows']} records){note}")
+
+
+@click.command("runs")
+@click.argument("run", required=False)
+@click.option("--redis-url", envvar=ENV_URL, help=_URL_HELP)
+def runs_cmd(run: str | None, redis_url: str | None) -> None:
+    """List the loss store's runs, or show RUN's counters as JSON."""
+    from services.store import StoreError
+
+    store = _store(redis_url)
+    if run is None:
+        for name in store.runs():
+            click.echo(name)
+        return
+    try:
+        click.echo(json.dumps(store.run_info(run).as_dict(), indent=2))
+    except StoreError as e:
+        raise click.ClickException(str(e)) from None

@@ -1,0 +1,316 @@
+"""The consumer: turns a run's loss log into an in-memory `HardnessTable`.
+
+A `Materializer` starts from the run's latest snapshot (or an empty table), then applies the
+log entries after it, in log order. Because the table is a pure function of the log prefix it
+has consumed, any consumer that reads the same prefix holds the same table, bit for bit; a
+restarted consumer loads the snapshot and replays the rest. `snapshot()` writes the table back
+to Redis with the log position it stands at, and trims the log up to there.
+
+Typical use in a service (one per run, in a background thread):
+
+    m = Materializer(store, run)       # loads snapshot + nothing else yet
+    m.start()                          # thread: poll, apply, snapshot every 30 s
+    with m.view() as table:            # read under the lock
+        hardest = table.hardest(10)
+    m.stop()                           # final snapshot, thread joined
+
+or single-threaded: `m.catch_up()` applies everything appended so far.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import redis
+
+from sampler.hardness import FIELDS, HardnessTable, split_valid
+from sampler.records import unpack_many
+from services.store import CONSUMER_FIELDS, LossStore, Snapshot, StoreError
+
+log = logging.getLogger(__name__)
+
+APPLY_SLICE = 1 << 17  # records applied per lock hold (~10-30 ms)
+
+
+@dataclass(frozen=True)
+class MaterializerStats:
+    """Where a materializer stands.
+
+    Attributes:
+        consumed_entries: dense index of the last log entry applied.
+        consumed_records: records read from the log (applied + rejected).
+        applied_records: records applied to the table.
+        rejected_out_of_range / rejected_nonfinite: records refused.
+        last_id: stream id of the last entry applied.
+        snapshots: snapshots this materializer wrote.
+        last_error: the last error the background loop hit (it keeps retrying), or None.
+    """
+
+    consumed_entries: int
+    consumed_records: int
+    applied_records: int
+    rejected_out_of_range: int
+    rejected_nonfinite: int
+    last_id: str
+    snapshots: int
+    last_error: str | None
+
+
+class Materializer:
+    """Applies a run's loss log to an in-memory hardness table.
+
+    Thread-safety: `poll`, `catch_up` and `snapshot` may be called from any thread (polls are
+    serialized). Readers take `view()` (or `lock`) to see a table that is not being written:
+    always the result of applying some prefix of the log, in order. `table` is always the same
+    object, updated in place.
+
+    Args:
+        store: the loss store.
+        run: a registered run (UnknownRunError otherwise).
+        read_count: log entries read per poll (an entry holds up to 65,536 records; the table
+            lock is held while a poll's records are applied).
+        snapshot_interval_s: in the background loop, snapshot this often when something new
+            was applied (None: only on stop).
+        publish: write consumer counters to the run's meta after each poll (for run_info).
+    """
+
+    def __init__(self, store: LossStore, run: str, *, read_count: int = 16,
+                 snapshot_interval_s: float | None = 30.0, publish: bool = True) -> None:
+        if read_count < 1:
+            raise ValueError(f"read_count must be >= 1, got {read_count}")
+        self.store = store
+        self.run = run
+        self.read_count = read_count
+        self.snapshot_interval_s = snapshot_interval_s
+        self.publish = publish
+        info = store.run_info(run)
+        self.lock = threading.RLock()
+        self._poll_lock = threading.Lock()
+        self.table = HardnessTable(info.num_samples, info.ema_decay)
+        self._counters = dict.fromkeys(CONSUMER_FIELDS, 0)
+        self._last_id = "0-0"
+        self._snapshots = 0
+        self._last_error: str | None = None
+        self._snap_entries = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._reload(store.load_snapshot(run))
+
+    # -- reading ---------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def view(self) -> Iterator[HardnessTable]:
+        """The table, held still (nothing is applied while the block runs). Keep blocks short."""
+        with self.lock:
+            yield self.table
+
+    def stats(self) -> MaterializerStats:
+        with self.lock:
+            c = dict(self._counters)
+            return MaterializerStats(
+                consumed_entries=c["consumed_entries"],
+                consumed_records=c["consumed_records"],
+                applied_records=self.table.applied,
+                rejected_out_of_range=c["rejected_out_of_range"],
+                rejected_nonfinite=c["rejected_nonfinite"],
+                last_id=self._last_id,
+                snapshots=self._snapshots,
+                last_error=self._last_error,
+            )
+
+    # -- applying --------------------------------------------------------------------------
+
+    def _reload(self, snap: Snapshot | None) -> None:
+        with self.lock:
+            if snap is None:
+                for f in FIELDS:
+                    getattr(self.table, f)[:] = 0
+                self.table.applied = 0
+                self._counters = dict.fromkeys(CONSUMER_FIELDS, 0)
+                self._last_id = "0-0"
+                self._snap_entries = 0
+                return
+            for f in FIELDS:
+                getattr(self.table, f)[:] = getattr(snap.table, f)
+            self.table.applied = snap.table.applied
+            self._counters = {k: snap.counters.get(k, 0) for k in CONSUMER_FIELDS}
+            self._counters["consumed_entries"] = snap.entries
+            self._last_id = snap.stream_id
+            self._snap_entries = snap.entries
+
+    def poll(self, block_ms: int | None = None, max_entries: int | None = None) -> int:
+        """Applies the next log entries, if any.
+
+        Args:
+            block_ms: wait up to this long for an entry when none is there (None: don't wait).
+            max_entries: at most this many entries (default `read_count`).
+
+        Returns:
+            Number of records consumed (applied or rejected).
+
+        Raises:
+            StoreError: the log lost entries this consumer has not seen and no snapshot covers
+                them (e.g. Redis restarted without persistence).
+            UnknownRunError: the run was deleted.
+            redis.ConnectionError / redis.TimeoutError: Redis is unreachable.
+        """
+        with self._poll_lock:
+            entries = self.store.read_log(
+                self.run, self._last_id, count=max_entries or self.read_count, block_ms=block_ms
+            )
+            if not entries:
+                return 0
+            expected = self._counters["consumed_entries"] + 1
+            if entries[0].index != expected:
+                return self._recover_gap(expected, entries[0].index)
+            for j, e in enumerate(entries):
+                if e.index != expected + j:
+                    raise StoreError(
+                        f"run {self.run}: log entry {e.id} has index {e.index}, "
+                        f"expected {expected + j}"
+                    )
+            records = unpack_many([e.payload for e in entries])
+            ids = records["sample_id"].astype(np.int64)
+            losses = np.ascontiguousarray(records["loss"])
+            kept = records["kept"].astype(bool)
+            step = np.ascontiguousarray(records["step"])
+            mask, rej = split_valid(ids, losses, self.table.size)
+            if mask is not None:
+                ids, losses, kept, step = ids[mask], losses[mask], kept[mask], step[mask]
+            # Apply in slices, letting readers in between: every state they can see is the
+            # table after some prefix of the log, just not yet the counters that say so.
+            for start in range(0, len(ids), APPLY_SLICE):
+                sl = slice(start, start + APPLY_SLICE)
+                with self.lock:
+                    self.table.apply_records(ids[sl], losses[sl], kept[sl], step[sl])
+            with self.lock:
+                c = self._counters
+                c["consumed_entries"] = entries[-1].index
+                c["consumed_records"] += len(records)
+                c["rejected_out_of_range"] += rej.out_of_range
+                c["rejected_nonfinite"] += rej.nonfinite
+                self._last_id = entries[-1].id
+                published = dict(c)
+            if self.publish:
+                self.store.publish_consumer(self.run, published)
+            return len(records)
+
+    def _recover_gap(self, expected: int, got: int) -> int:
+        # Entries were trimmed under us (another consumer snapshotted past our position):
+        # the snapshot covers them, so start over from it.
+        snap = self.store.load_snapshot(self.run)
+        if got < expected or snap is None or snap.entries < expected - 1 or snap.entries < got - 1:
+            raise StoreError(
+                f"run {self.run}: log entry index {got} where {expected} was expected and no "
+                "snapshot covers the gap (was Redis restarted without persistence?)"
+            )
+        log.info("run %s: log trimmed past entry %d, reloading snapshot at %d",
+                 self.run, expected - 1, snap.entries)
+        self._reload(snap)
+        return 0
+
+    def catch_up(self, timeout_s: float | None = None) -> int:
+        """Polls until everything appended before the call is applied.
+
+        Returns:
+            Records consumed.
+
+        Raises:
+            TimeoutError: not caught up within `timeout_s`.
+        """
+        target = self.store.run_info(self.run).entries
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        total = 0
+        while self._counters["consumed_entries"] < target:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"run {self.run}: consumed {self._counters['consumed_entries']} of "
+                    f"{target} log entries in {timeout_s} s"
+                )
+            total += self.poll(block_ms=100)
+        return total
+
+    # -- snapshots -------------------------------------------------------------------------
+
+    def snapshot(self) -> bool:
+        """Writes the table and its log position to Redis; trims the log up to it.
+
+        Returns:
+            True if it became the run's current snapshot (False if one further along exists,
+            or there was nothing new since the last one).
+        """
+        # The poll lock: never copy a table that a poll has applied part of.
+        with self._poll_lock, self.lock:
+            if self._counters["consumed_entries"] == self._snap_entries:
+                return False
+            arrays = {f: getattr(self.table, f).copy() for f in FIELDS}
+            stream_id = self._last_id
+            counters = dict(self._counters)
+        done = self.store.write_snapshot(
+            self.run, arrays, stream_id, counters["consumed_entries"], counters
+        )
+        with self.lock:
+            self._snapshots += 1
+            self._snap_entries = counters["consumed_entries"]
+        return done
+
+    # -- background loop -------------------------------------------------------------------
+
+    def run_forever(self, stop: threading.Event, block_ms: int = 200) -> None:
+        """Polls until `stop` is set, snapshotting every `snapshot_interval_s`.
+
+        Redis errors are logged, kept in `stats().last_error` and retried with backoff: the
+        loop only ends when asked to.
+        """
+        backoff = 0.05
+        last_snap = time.monotonic()
+        while not stop.is_set():
+            try:
+                self.poll(block_ms=block_ms)
+                interval = self.snapshot_interval_s
+                if interval is not None and time.monotonic() - last_snap >= interval:
+                    self.snapshot()
+                    last_snap = time.monotonic()
+                backoff = 0.05
+                self._last_error = None
+            except (redis.ConnectionError, redis.TimeoutError, StoreError) as e:
+                self._last_error = f"{type(e).__name__}: {e}"
+                log.warning("materializer %s: %s (retrying in %.2f s)", self.run, e, backoff)
+                stop.wait(backoff)
+                backoff = min(backoff * 2, 2.0)
+
+    def start(self, block_ms: int = 200) -> None:
+        """Runs `run_forever` in a daemon thread."""
+        if self._thread is not None and self._thread.is_alive():
+            raise RuntimeError(f"materializer for {self.run} already started")
+        self._stop.clear()
+        self._thread = threading.Thread(
+            target=self.run_forever, args=(self._stop, block_ms),
+            name=f"materializer-{self.run}", daemon=True,
+        )
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0, final_snapshot: bool = True) -> None:
+        """Stops the thread (if any) and takes a last snapshot (best effort)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            self._thread = None
+        if final_snapshot:
+            try:
+                self.snapshot()
+            except (redis.ConnectionError, redis.TimeoutError, StoreError) as e:
+                log.warning("materializer %s: final snapshot failed: %s", self.run, e)
+
+    def __enter__(self) -> Materializer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()

