@@ -1,0 +1,44 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+import redis
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from services.api.deps import State, require_read
+from services.api.schemas import ErrorBody, Health, Readiness
+from services.metrics import render_metrics
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", response_model=Health)
+async def healthz() -> Health:
+    """The process is up (no dependency checked)."""
+    return Health(status="ok")
+
+
+@router.get("/readyz", response_model=Readiness,
+            responses={503: {"model": Readiness, "description": "Not ready yet"}})
+def readyz(state: State) -> JSONResponse:
+    """Ready when Redis answers and every known run's table is loaded."""
+    try:
+        redis_ok = bool(state.store.client.ping())
+    except redis.RedisError:
+        redis_ok = False
+    runs = {}
+    for r in state.runs.loaded():
+        runs[r.run] = "ready" if r.ready else (f"error: {r.error}" if r.error else "loading")
+    ready = redis_ok and all(v == "ready" for v in runs.values())
+    body = Readiness(ready=ready, redis=redis_ok, runs=runs)
+    return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
+
+
+@router.get("/metrics", response_class=PlainTextResponse, dependencies=[Depends(require_read)],
+            responses={200: {"content": {"text/plain": {}}},
+                       401: {"model": ErrorBody, "description": "Token missing or wrong"}})
+def metrics(state: State) -> PlainTextResponse:
+    """Prometheus metrics: ingest rate and lag, plan latency, kept fraction, hardness quantiles."""
+    return PlainTextResponse(render_metrics(state.runs, state.latency),
+                             media_type="text/plain; version=0.0.4")

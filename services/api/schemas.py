@@ -1,0 +1,186 @@
+"""Request and response bodies of the REST API (they make the OpenAPI spec)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+from sampler.plans import PlanConfig
+
+# Request bodies: no coercion (false is not 0.0) and no unknown fields, so typos fail loudly.
+STRICT = ConfigDict(strict=True, extra="forbid")
+
+
+def _integral(v: Any) -> Any:
+    # JSON Schema's "integer" includes 258.0; strict mode alone would refuse it.
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    return v
+
+
+#: An integer in a request body: 258 or 258.0, never "258" or true.
+JsonInt = Annotated[int, BeforeValidator(_integral)]
+# Constraints go before the validator, or the JSON schema shows them as raw "ge"/"le" keys.
+RoundCount = Annotated[int, Field(ge=1, le=2**53 - 1), BeforeValidator(_integral)]
+
+# Rounds and steps stay exact in JSON readers that parse numbers as doubles.
+MAX_ROUND = 2**53 - 1
+
+HardnessField = Literal["ema", "last_loss"]
+
+
+class RunSummary(BaseModel):
+    run: str
+    num_samples: int | None = Field(default=None, description="Dataset size (null while loading).")
+    ready: bool = Field(description="Whether the service has loaded the run's table.")
+
+
+class RunList(BaseModel):
+    runs: list[RunSummary]
+
+
+class PlanConfigModel(BaseModel):
+    """How a run's plans lean toward hard samples (see sampler/plans.py)."""
+
+    model_config = STRICT
+
+    alpha: float = Field(
+        default=1.0, ge=0.0, le=16.0, description="Priority exponent; 0 is uniform."
+    )
+    lam: float = Field(default=0.1, ge=0.0, le=1.0, description="Uniform floor share.")
+    eps: float = Field(
+        default=1e-3, gt=0.0, le=1e6, description="Added to hardness before the power."
+    )
+    beta: float = Field(default=0.0, ge=0.0, le=1.0, description="Importance-weight exponent.")
+    anneal_frac: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="Last fraction of total_rounds sampled uniformly."
+    )
+    total_rounds: RoundCount | None = Field(
+        default=None, description="Rounds in the run; needed for annealing."
+    )
+    hardness: HardnessField = Field(default="ema", description="Table field used as hardness.")
+
+    def to_config(self) -> PlanConfig:
+        return PlanConfig(**self.model_dump())
+
+    @classmethod
+    def from_config(cls, cfg: PlanConfig) -> PlanConfigModel:
+        return cls(alpha=cfg.alpha, lam=cfg.lam, eps=cfg.eps, beta=cfg.beta,
+                   anneal_frac=cfg.anneal_frac, total_rounds=cfg.total_rounds,
+                   hardness=cfg.hardness)  # type: ignore[arg-type]
+
+
+class RunDetail(BaseModel):
+    run: str
+    ready: bool
+    error: str | None = Field(default=None, description="Why the table failed to load, if it did.")
+    num_samples: int = Field(description="Dataset size N (ids 0..N-1).")
+    ema_decay: float
+    created_at: float = Field(description="Registration time, unix seconds.")
+    entries: int = Field(description="Batches appended to the loss log.")
+    records: int = Field(description="Loss records appended to the loss log.")
+    duplicate_batches: int
+    malformed_batches: int
+    rejected_records: int = Field(description="Records refused (bad id or non-finite loss).")
+    lag_records: int = Field(description="Records appended but not yet materialized.")
+    applied_records: int | None = Field(
+        default=None, description="Records in this service's table."
+    )
+    seen_samples: int | None = None
+    kept_fraction: float | None = Field(default=None, description="Share of scored records kept.")
+    ingest_rate: float | None = Field(
+        default=None, description="Records applied per second, recently."
+    )
+    hardness_quantiles: dict[str, float] = Field(default_factory=dict)
+    world_size: int | None = Field(default=None, description="World size of the last plan request.")
+    round: int | None = Field(default=None, description="Round of the last plan request.")
+    plan_config: PlanConfigModel
+
+
+class Sample(BaseModel):
+    """One sample's hardness record; loss fields are null until it is first scored."""
+
+    id: int
+    seen: int = Field(description="Times scored.")
+    kept: int = Field(description="Times the filter kept it.")
+    last_loss: float | None = None
+    ema: float | None = Field(default=None, description="Moving average of its loss.")
+    last_step: int | None = None
+
+
+class SampleList(BaseModel):
+    run: str
+    order: Literal["hardest", "easiest"]
+    by: HardnessField
+    samples: list[Sample]
+
+
+class LookupRequest(BaseModel):
+    model_config = STRICT
+
+    ids: list[JsonInt] = Field(description="Sample ids, each in [0, N).", min_length=1)
+
+
+class LookupResponse(BaseModel):
+    """Records of many samples, column by column, in the order asked."""
+
+    run: str
+    ids: list[int]
+    seen: list[int]
+    kept: list[int]
+    last_loss: list[float | None]
+    ema: list[float | None]
+    last_step: list[int | None]
+
+
+class Histogram(BaseModel):
+    run: str
+    field: HardnessField
+    edges: list[float] = Field(description="bins + 1 bin edges over the seen samples' values.")
+    counts: list[int]
+    seen: int = Field(description="Samples counted (scored at least once).")
+    unseen: int = Field(description="Samples never scored (not in the counts).")
+
+
+class PlanRequest(BaseModel):
+    model_config = STRICT
+
+    rank: JsonInt = Field(ge=0, description="This worker's rank, in [0, world_size).")
+    world_size: JsonInt = Field(ge=1, description="Ranks sharing the round.")
+    round: JsonInt = Field(ge=0, le=MAX_ROUND, description="Round number; one round per call set.")
+    batches: JsonInt = Field(ge=1, description="Batches per rank (the same for every rank).")
+    batch_size: JsonInt = Field(ge=1, description="Sample ids per batch.")
+    with_weights: bool = Field(default=False, description="Include importance weights per id.")
+    with_losses: bool = Field(default=False, description="Include the last known loss per id.")
+
+
+class Plan(BaseModel):
+    """One rank's part of a round: `ids[b]` is batch b."""
+
+    run: str
+    round: int
+    rank: int
+    world_size: int
+    batches: int
+    batch_size: int
+    uniform: bool = Field(description="Whether the round was annealed to uniform sampling.")
+    ids: list[list[int]]
+    weights: list[list[float]] | None = None
+    losses: list[list[float | None]] | None = Field(
+        default=None, description="Last known loss per id; null for ids never scored."
+    )
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    ready: bool
+    redis: bool
+    runs: dict[str, str] = Field(description="run -> ready | loading | error message")
+
+
+class ErrorBody(BaseModel):
+    detail: str | list[dict[str, object]]

@@ -1,0 +1,74 @@
+"""Service settings: flags or `HARDBATCH_*` environment variables (pydantic-settings)."""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from sampler.plans import PlanConfig
+
+
+class Settings(BaseSettings):
+    """Everything the sampler service reads at start.
+
+    Each field `x` can be set with the environment variable `HARDBATCH_X` (e.g.
+    `HARDBATCH_API_TOKEN`, `HARDBATCH_REDIS_URL`), or by the matching `hardbatch serve` flag.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="HARDBATCH_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    redis_url: str | None = Field(
+        default=None, description="Redis to read runs from; none starts an embedded Redis server."
+    )
+    api_token: SecretStr | None = Field(
+        default=None, description="Bearer token that state-changing endpoints need (none: open)."
+    )
+    auth_reads: bool = Field(default=False, description="Make read endpoints need the token too.")
+
+    # Limits on what one request may ask for.
+    max_body_bytes: int = Field(default=1 << 20, ge=1024)
+    max_limit: int = Field(
+        default=10_000, ge=1, description="Most samples one top-k query returns."
+    )
+    max_lookup_ids: int = Field(default=100_000, ge=1, description="Most ids one lookup may name.")
+    max_bins: int = Field(default=10_000, ge=1)
+    max_batches: int = Field(default=4096, ge=1)
+    max_batch_size: int = Field(default=65_536, ge=1)
+    max_world_size: int = Field(default=4096, ge=1)
+    max_round_ids: int = Field(default=1 << 24, ge=1, description="Most ids one round may hold.")
+
+    # Background work.
+    refresh_s: float = Field(
+        default=2.0, gt=0, description="How often plan priorities and run stats follow the table."
+    )
+    snapshot_interval_s: float = Field(default=30.0, gt=0, description="Table snapshots to Redis.")
+    plan_ttl_s: int = Field(
+        default=7 * 24 * 3600, ge=1, description="How long composed rounds stay in Redis."
+    )
+    plan_cache_rounds: int = Field(default=16, ge=1, description="Composed rounds kept in memory.")
+
+    # Default plan config of a run (a run can override it through its plan-config endpoint).
+    plan_alpha: float = 1.0
+    plan_lam: float = 0.1
+    plan_eps: float = 1e-3
+    plan_beta: float = 0.0
+    plan_anneal_frac: float = 0.0
+    plan_total_rounds: int | None = None
+    plan_hardness: str = "ema"
+
+    @model_validator(mode="after")
+    def _check_plan_defaults(self) -> Settings:
+        self.default_plan_config()  # raises ValueError with the reason
+        return self
+
+    def default_plan_config(self) -> PlanConfig:
+        return PlanConfig(
+            alpha=self.plan_alpha, lam=self.plan_lam, eps=self.plan_eps, beta=self.plan_beta,
+            anneal_frac=self.plan_anneal_frac, total_rounds=self.plan_total_rounds,
+            hardness=self.plan_hardness,
+        )
+
+    def token(self) -> str | None:
+        return self.api_token.get_secret_value() if self.api_token else None

@@ -1,0 +1,45 @@
+"""The sampler service: `create_app(settings)` builds the FastAPI app (run by `hardbatch serve`)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from services.api.deps import ServiceState, spec_security_matches_settings
+from services.api.errors import BodySizeLimit, install_error_handlers
+from services.api.routes import health, plans, runs, samples
+from services.core.config import Settings
+from services.live_runs import LiveRuns
+from services.metrics import PlanLatency
+from services.plan_rounds import RoundStore
+from services.store import LossStore
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The app; Redis is reached (and run tables start loading) when it starts serving."""
+    settings = settings or Settings()
+    if settings.redis_url is None:
+        raise ValueError("create_app needs settings.redis_url (hardbatch serve starts one)")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store = LossStore.from_url(str(settings.redis_url))
+        live = LiveRuns(store, settings.default_plan_config(), settings.refresh_s,
+                        settings.snapshot_interval_s)
+        rounds = RoundStore(store.client, settings.plan_ttl_s, settings.plan_cache_rounds)
+        app.state.service = ServiceState(settings, store, live, rounds, PlanLatency())
+        live.start()
+        yield
+        live.stop()
+        store.client.close()
+
+    app = FastAPI(title="hardbatch sampler", version="1", lifespan=lifespan,
+                  description="Per-sample hardness and hard-biased batch plans for a run.")
+    install_error_handlers(app)
+    for module in (health, runs, samples, plans):
+        app.include_router(module.router)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    spec_security_matches_settings(app, settings)
+    return app

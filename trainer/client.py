@@ -1,0 +1,251 @@
+"""Client of the sampler service: plans (with prefetch) and hardness queries.
+
+    client = SamplerClient("http://127.0.0.1:8000", token=None)
+    with client.prefetch("run-1", rank=0, world_size=2, start_round=0, batches=64,
+                         batch_size=256) as plans:
+        for plan in plans:          # round 0, 1, 2, ... fetched ahead in a background thread
+            for batch_ids in plan.ids:
+                ...
+
+Plans travel as Arrow IPC (compact, no JSON parsing of 16k numbers); hardness queries as JSON.
+Errors are `SamplerError` (with the HTTP status when there is one), so a trainer can fall back
+to a local shuffle when the service is unreachable.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import numpy as np
+import pyarrow as pa
+
+ARROW_STREAM = "application/vnd.apache.arrow.stream"
+
+
+class SamplerError(RuntimeError):
+    """A failed request: `status` is the HTTP status, or None when the service was unreachable."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One rank's part of a round.
+
+    Attributes:
+        round: round number.
+        rank: this rank.
+        world_size: ranks sharing the round.
+        ids: int64 array (batches, batch_size): batch b is `ids[b]`.
+        weights: float32 array of the same shape, or None if not asked for.
+        losses: float32 array of the same shape with NaN for ids never scored, or None.
+        uniform: whether the round was annealed to uniform sampling.
+    """
+
+    round: int
+    rank: int
+    world_size: int
+    ids: np.ndarray
+    weights: np.ndarray | None
+    losses: np.ndarray | None
+    uniform: bool
+
+
+class SamplerClient:
+    """Talks to one sampler service.
+
+    Args:
+        base_url: e.g. "http://127.0.0.1:8000".
+        token: bearer token, when the service has one.
+        timeout_s: per-request timeout.
+    """
+
+    def __init__(self, base_url: str, token: str | None = None, timeout_s: float = 10.0) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout_s)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> SamplerClient:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            resp = self._http.request(method, path, **kwargs)
+        except httpx.HTTPError as e:
+            raise SamplerError(f"sampler service at {self.base_url} unreachable: {e}") from e
+        if resp.status_code >= 400:
+            try:
+                detail = resp.json().get("detail", resp.text)
+            except ValueError:
+                detail = resp.text
+            raise SamplerError(f"{method} {path}: {resp.status_code} {detail}", resp.status_code)
+        return resp
+
+    # -- plans -----------------------------------------------------------------------------
+
+    def plan(self, run: str, *, rank: int, world_size: int, round: int, batches: int,
+             batch_size: int, with_weights: bool = False, with_losses: bool = False) -> Plan:
+        """This rank's plan for one round (composed by the service for all ranks)."""
+        body = {"rank": rank, "world_size": world_size, "round": round, "batches": batches,
+                "batch_size": batch_size, "with_weights": with_weights,
+                "with_losses": with_losses}
+        resp = self._request("POST", f"/v1/runs/{run}/plans", json=body,
+                             headers={"Accept": ARROW_STREAM})
+        return _plan_from_arrow(resp.content, batches, batch_size)
+
+    def prefetch(self, run: str, *, rank: int, world_size: int, start_round: int, batches: int,
+                 batch_size: int, depth: int = 2, rounds: int | None = None,
+                 with_weights: bool = False, with_losses: bool = False) -> PlanPrefetcher:
+        """Plans for rounds start_round, start_round + 1, ..., fetched `depth` ahead.
+
+        Args:
+            rounds: stop after this many rounds (None: go on until closed).
+        """
+        def fetch(r: int) -> Plan:
+            return self.plan(run, rank=rank, world_size=world_size, round=r, batches=batches,
+                             batch_size=batch_size, with_weights=with_weights,
+                             with_losses=with_losses)
+
+        return PlanPrefetcher(fetch, start_round, depth, rounds)
+
+    # -- hardness --------------------------------------------------------------------------
+
+    def runs(self) -> list[dict[str, Any]]:
+        runs: list[dict[str, Any]] = self._request("GET", "/v1/runs").json()["runs"]
+        return runs
+
+    def run_info(self, run: str) -> dict[str, Any]:
+        info: dict[str, Any] = self._request("GET", f"/v1/runs/{run}").json()
+        return info
+
+    def sample(self, run: str, sample_id: int) -> dict[str, Any]:
+        """One sample's record: id, seen, kept, last_loss, ema, last_step."""
+        rec: dict[str, Any] = self._request("GET", f"/v1/runs/{run}/samples/{sample_id}").json()
+        return rec
+
+    def samples(self, run: str, ids: list[int] | np.ndarray) -> dict[str, list[Any]]:
+        """Records of many samples, as columns in the order asked."""
+        ids_list = [int(i) for i in np.asarray(ids).ravel()]
+        cols: dict[str, list[Any]] = self._request(
+            "POST", f"/v1/runs/{run}/samples/lookup", json={"ids": ids_list}
+        ).json()
+        return cols
+
+    def top(self, run: str, k: int = 20, order: str = "hardest",
+            by: str = "ema") -> list[dict[str, Any]]:
+        """The k hardest (or easiest) samples scored so far."""
+        params: dict[str, str | int] = {"order": order, "limit": k, "by": by}
+        out: list[dict[str, Any]] = self._request(
+            "GET", f"/v1/runs/{run}/samples", params=params
+        ).json()["samples"]
+        return out
+
+    def histogram(self, run: str, bins: int = 20, field: str = "ema") -> dict[str, Any]:
+        hist: dict[str, Any] = self._request(
+            "GET", f"/v1/runs/{run}/histogram", params={"bins": bins, "field": field}
+        ).json()
+        return hist
+
+    def set_plan_config(self, run: str, **config: Any) -> dict[str, Any]:
+        """Sets a run's plan config (alpha, lam, eps, beta, anneal_frac, total_rounds, hardness)."""
+        cfg: dict[str, Any] = self._request(
+            "PUT", f"/v1/runs/{run}/plan-config", json=config
+        ).json()
+        return cfg
+
+
+def _plan_from_arrow(payload: bytes, batches: int, batch_size: int) -> Plan:
+    table = pa.ipc.open_stream(payload).read_all()
+    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    shape = (batches, batch_size)
+    ids = table.column("id").to_numpy().astype(np.int64).reshape(shape)
+    names = table.column_names
+    weights = (table.column("weight").to_numpy().reshape(shape) if "weight" in names else None)
+    losses = None
+    if "loss" in names:
+        col = table.column("loss").combine_chunks()
+        losses = col.to_numpy(zero_copy_only=False).astype(np.float32).reshape(shape)
+    return Plan(round=int(meta["round"]), rank=int(meta["rank"]),
+                world_size=int(meta["world_size"]), ids=ids, weights=weights, losses=losses,
+                uniform=meta.get("uniform") == "true")
+
+
+class PlanPrefetcher:
+    """Iterates plans of consecutive rounds while a thread fetches the next ones.
+
+    A failed fetch is raised from `next()` (the iterator then ends), so the caller can fall
+    back to a local plan and start a new prefetcher later.
+    """
+
+    _DONE = object()
+
+    def __init__(self, fetch: Any, start_round: int, depth: int, rounds: int | None) -> None:
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        self._fetch = fetch
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._finished = False
+        self._thread = threading.Thread(target=self._run, args=(start_round, rounds),
+                                        name="plan-prefetch", daemon=True)
+        self._thread.start()
+
+    def _run(self, start: int, rounds: int | None) -> None:
+        r = start
+        while not self._stop.is_set() and (rounds is None or r < start + rounds):
+            try:
+                item: Any = self._fetch(r)
+            except Exception as e:  # handed to the consumer, who decides
+                item = e
+            if not self._put(item) or isinstance(item, Exception):
+                return
+            r += 1
+        self._put(self._DONE)
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> Iterator[Plan]:
+        return self
+
+    def __next__(self) -> Plan:
+        if self._finished:
+            raise StopIteration
+        item = self._queue.get()
+        if item is self._DONE:
+            self._finished = True
+            raise StopIteration
+        if isinstance(item, Exception):
+            self._finished = True
+            raise item
+        plan: Plan = item
+        return plan
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5.0)
+
+    def __enter__(self) -> PlanPrefetcher:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
