@@ -8,6 +8,7 @@ demo: setup
 	.venv/bin/hardbatch train
 
 test: setup
+	@bash scripts/test-deps.sh
 	.venv/bin/python -m pytest -q
 
 bench: setup

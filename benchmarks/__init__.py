@@ -14,6 +14,12 @@ from typing import Any
 # NAME on the command line -> module under benchmarks/.
 BENCHMARKS: dict[str, str] = {
     "filter": "benchmarks.filter",
+    "distributed": "benchmarks.distributed",
+    "ingest": "benchmarks.ingest",
+    "stream-overhead": "benchmarks.stream_overhead",
+    "store-memory": "benchmarks.store_memory",
+    "plan": "benchmarks.plan",
+    "lookup-load": "benchmarks.lookup_load",
 }
 
 

@@ -56,7 +56,7 @@ def compare(base: TrainConfig, out: Path, stem: str = "filter") -> dict[str, Any
     return result
 
 
-def print_table(r: dict[str, Any]) -> None:
+def print_table(r: dict[str, Any], names: tuple[str, str] = ("plain", "filtered")) -> None:
     def fmt(t: float | None) -> str:
         return "never" if t is None else f"{t:.1f}"
 
@@ -64,7 +64,7 @@ def print_table(r: dict[str, Any]) -> None:
           f"batch={r['batch_size']} width={r['width']} seed={r['seed']}")
     print(f"{'run':<10}{'final acc':>10}{'val loss':>10}{'train s':>9}{'to target s':>13}"
           f"{'kept':>7}")
-    for name in ("plain", "filtered"):
+    for name in names:
         s = r[name]
         print(f"{name:<10}{100 * s['final_accuracy']:>9.2f}%{s['final_val_loss']:>10.4f}"
               f"{s['train_time_s']:>9.1f}{fmt(s['time_to_target_s']):>13}"

@@ -23,3 +23,16 @@ def bench(name: str, quick: bool, out: str) -> None:
 
 
 # Commands from other modules are registered here, one line each.
+from trainer.cli_train import train_cmd  # noqa: E402
+
+main.add_command(train_cmd)
+from services.cli_store import export_cmd, runs_cmd  # noqa: E402
+
+main.add_command(export_cmd)
+main.add_command(runs_cmd)
+from services.cli_service import hardness_cmd, serve_cmd, top_cmd  # noqa: E402
+
+main.add_command(serve_cmd)
+main.add_command(hardness_cmd)
+main.add_command(top_cmd)
+

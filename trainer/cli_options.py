@@ -31,7 +31,7 @@ def options_from(cls: type, skip: tuple[str, ...] = ()) -> Callable[[F], F]:
                                   metavar="KEY=VALUE", help=help_)(fn)
             else:
                 fn = click.option(flag, f.name, type=_TYPES[kind], default=f.default,
-                                  show_default=True, help=help_)(fn)
+                                  show_default=f.default != "", help=help_)(fn)
         return fn
 
     return decorate

@@ -1,16 +1,20 @@
-"""`hardbatch train`: a training run with the batch loss filter, with a summary at the end."""
+"""`hardbatch train`: a run with the batch loss filter, on Ray Train with the sampler service
+and the loss store (started here unless given), or in this process with `--local`."""
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
 from trainer.cli_options import build, options_from
+from trainer.distributed import JobConfig
 from trainer.task import load_task
-from trainer.train import RunResult, TrainConfig, fit
+from trainer.train import RunResult, fit
 
 
 def print_summary(result: RunResult) -> None:
@@ -22,26 +26,50 @@ def print_summary(result: RunResult) -> None:
               f"{e['train_time_s']:>8.1f}")
 
 
+def print_hardest(run: str, hardest: list[dict[str, Any]]) -> None:
+    print(f"\nhardest samples of run {run} (moving average of their loss):")
+    print(f"{'id':>8}{'ema':>10}{'last loss':>11}{'seen':>6}{'kept':>6}")
+    for s in hardest:
+        print(f"{s['id']:>8}{s['ema']:>10.4f}{s['last_loss']:>11.4f}{s['seen']:>6}{s['kept']:>6}")
+
+
 @click.command("train")
-@options_from(TrainConfig)
+@options_from(JobConfig)
+@click.option("--local", is_flag=True,
+              help="Train in this process: no Ray, no service, no loss store.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Folder for metrics.json and plots [default: runs/<time>].")
-def train_cmd(out: str | None, **values: object) -> None:
-    """Train a task (built-in: MNIST-1D) with the batch loss filter."""
-    config = build(TrainConfig, values)
+def train_cmd(local: bool, out: str | None, **values: object) -> None:
+    """Train a task (built-in: MNIST-1D) with the batch loss filter.
+
+    With no addresses this starts a Ray local cluster, an embedded Redis loss store and the
+    sampler service, trains on WORKERS Ray Train workers and stops it all at the end.
+    """
+    job = build(JobConfig, values)
     try:
-        load_task(config.task)
+        load_task(job.task)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--task") from e
     out_dir = Path(out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
-    result = fit(config)
+    hardest = None
+    if local:
+        result = fit(job.train_config())
+    else:
+        from trainer.launch import launch
+
+        logging.basicConfig(level=logging.WARNING)
+        done = launch(job)
+        result, hardest = done.result, (done.run, done.hardest)
     print_summary(result)
+    if hardest:
+        print_hardest(*hardest)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     from trainer.plots import plot_runs  # matplotlib is slow to import; only needed here
 
-    name = "filtered" if config.filter else "plain"
-    plots = plot_runs({name: result}, out_dir, stem="train")
+    plots = plot_runs({"filtered" if job.filter else "plain": result}, out_dir, stem="train")
     print(f"\nfinal accuracy {100 * result.final_accuracy:.2f}%, "
           f"training time {result.train_time_s:.1f}s")
     print(f"wrote {out_dir / 'metrics.json'} and {', '.join(p.name for p in plots)} in {out_dir}")
+
+

@@ -126,21 +126,50 @@ def local_plan(num_samples: int, batch_size: int, seed: int, epoch: int) -> list
     return list(torch.randperm(num_samples, generator=gen).split(batch_size))
 
 
+@dataclass
+class Runtime:
+    """How the loop meets the world around it. The defaults are one process on one device;
+    `trainer.distributed` fills them in for a Ray Train worker.
+
+    Attributes:
+        rank: this process's data-parallel rank.
+        world_size: number of data-parallel ranks.
+        wrap: prepares the model (e.g. moves it and wraps it in DDP).
+        all_reduce: sums a list of numbers over all ranks.
+        plans: `(epoch, num_samples) -> batches of sample ids` for this rank; every rank must
+            get the same number of batches. None: a seeded local shuffle (one rank only).
+        steps_per_epoch: `num_samples -> batches per epoch` of `plans` (for the LR schedule).
+        on_epoch_end: called with the loop's state after each epoch (e.g. to checkpoint).
+        resume: a state saved by `on_epoch_end` to continue from.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    wrap: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m
+    all_reduce: Callable[[list[float]], list[float]] = lambda v: v
+    plans: Callable[[int, int], Sequence[torch.Tensor]] | None = None
+    steps_per_epoch: Callable[[int], int] | None = None
+    on_epoch_end: Callable[[dict[str, Any]], None] | None = None
+    resume: dict[str, Any] | None = None
+
+
 @torch.no_grad()
-def evaluate(task: Task, model: torch.nn.Module, device: torch.device,
+def evaluate(task: Task, model: torch.nn.Module, device: torch.device, rt: Runtime | None = None,
              batch_size: int = 2048) -> tuple[float, float]:
-    """Mean validation loss and accuracy."""
+    """Mean validation loss and accuracy (each rank scores its share of the validation set)."""
+    rt = rt or Runtime()
     model.eval()
     n_val = len(task.val)  # type: ignore[arg-type]
     total_loss, correct = 0.0, 0
-    batches = torch.arange(n_val).split(batch_size)
+    batches = torch.arange(rt.rank, n_val, rt.world_size).split(batch_size)
     for _, (x, y, *_) in iter_batches(task.val, batches):
         x, y = x.to(device), y.to(device)
         out = model(x)
         total_loss += float(per_sample(task.loss(out, y)).sum())
         correct += int((task.logits(out).argmax(dim=-1) == y).sum())
     model.train()
-    return total_loss / n_val, correct / n_val
+    loss_sum, correct_sum = rt.all_reduce([total_loss, float(correct)])
+    return loss_sum / n_val, correct_sum / n_val
 
 
 def train_step(
@@ -179,17 +208,18 @@ def train_step(
 
 
 def fit(config: TrainConfig, reporter: Reporter | None = None,
-        plans: Callable[[int], Sequence[torch.Tensor]] | None = None) -> RunResult:
+        runtime: Runtime | None = None) -> RunResult:
     """Trains `config.task` and returns per-epoch metrics.
 
     Args:
         config: the run.
         reporter: gets every scored example's loss, once per batch.
-        plans: `epoch -> batches of sample ids`; a seeded local shuffle by default.
+        runtime: rank, collectives, plans and checkpoints; one local process by default.
 
     Example:
         >>> r = fit(TrainConfig(num_samples=500, epochs=1, progress=False))  # doctest: +SKIP
     """
+    rt = runtime or Runtime()
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
@@ -197,35 +227,48 @@ def fit(config: TrainConfig, reporter: Reporter | None = None,
     task = load_task(config.task)(TaskArgs(config.num_samples, config.width, config.seed,
                                            dict(config.task_args)))
     n = task.num_samples
-    model = task.model.to(device)
+    model = rt.wrap(task.model.to(device))
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
                                   weight_decay=config.weight_decay)
-    steps_per_epoch = math.ceil(n / config.batch_size)
+    steps_per_epoch = (rt.steps_per_epoch(n) if rt.steps_per_epoch
+                       else math.ceil(n / config.batch_size))
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch)
     filt = LossShareFilter(config.min_loss_perc, config.min_samples_perc) if config.filter \
         else None
     score_dtype = config.score_dtype(device)
-    plan_fn = plans or (lambda ep: local_plan(n, config.batch_size, config.seed, ep))
+    plan_fn = rt.plans or (lambda ep, n: local_plan(n, config.batch_size, config.seed, ep))
+
+    def kept_total(k: int) -> int:
+        return int(rt.all_reduce([float(k)])[0])
 
     result = RunResult(config=asdict(config))
-    step = 0
-    for epoch in range(config.epochs):
+    step, first_epoch = 0, 0
+    if rt.resume is not None:
+        unwrapped = getattr(model, "module", model)
+        unwrapped.load_state_dict(rt.resume["model"])
+        optimizer.load_state_dict(rt.resume["optimizer"])
+        scheduler.load_state_dict(rt.resume["scheduler"])
+        step, first_epoch = rt.resume["step"], rt.resume["epoch"]
+        result = RunResult(**rt.resume["result"])
+        result.config.setdefault("resumed_at_epochs", []).append(first_epoch)
+    for epoch in range(first_epoch, config.epochs):
         epoch_start = result.train_time_s
         scored_sum, scored_n, kept_n = 0.0, 0, 0
         if filt is not None:
             filt.reset()
-        id_batches = plan_fn(epoch)
+        id_batches = plan_fn(epoch, n)
         eval_at = {round(len(id_batches) * (k + 1) / config.evals_per_epoch)
                    for k in range(config.evals_per_epoch)}
         batches: Iterable = iter_batches(task.train, id_batches)
         bar = tqdm(batches, total=len(id_batches), desc=f"epoch {epoch + 1}/{config.epochs}",
-                   disable=not config.progress, leave=False)
+                   disable=not config.progress or rt.rank != 0, leave=False)
         tick = time.perf_counter()
         for i, (ids, (x, y, *_)) in enumerate(bar, start=1):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            losses, kept = train_step(task, model, optimizer, x, y, filt, score_dtype=score_dtype)
+            losses, kept = train_step(task, model, optimizer, x, y, filt, kept_total,
+                                      score_dtype=score_dtype)
             step += 1
             if step < scheduler.total_steps:  # a plan longer than promised must not crash it
                 scheduler.step()
@@ -237,7 +280,7 @@ def fit(config: TrainConfig, reporter: Reporter | None = None,
                 reporter.report(ids.numpy(), losses_cpu.numpy(), kept.cpu().numpy(), step, epoch)
             if i in eval_at:
                 result.train_time_s += time.perf_counter() - tick
-                val_loss, val_acc = evaluate(task, model, device)
+                val_loss, val_acc = evaluate(task, model, device, rt)
                 result.evals.append({"epoch": epoch + i / len(id_batches), "step": step,
                                      "train_time_s": result.train_time_s,
                                      "val_loss": val_loss, "val_accuracy": val_acc})
@@ -245,12 +288,19 @@ def fit(config: TrainConfig, reporter: Reporter | None = None,
                 tick = time.perf_counter()
         result.train_time_s += time.perf_counter() - tick
         last = result.evals[-1]
+        loss_sum, seen, kept_sum = rt.all_reduce([scored_sum, float(scored_n), float(kept_n)])
         result.epochs.append({
-            "epoch": epoch + 1, "train_loss": scored_sum / max(scored_n, 1),
+            "epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
             "val_loss": last["val_loss"], "val_accuracy": last["val_accuracy"],
-            "samp_perc": kept_n / max(scored_n, 1),
+            "samp_perc": kept_sum / max(seen, 1),
             "loss_perc": float(np.mean(filt.loss_perc)) if filt else 1.0,
             "epoch_time_s": result.train_time_s - epoch_start,
             "train_time_s": result.train_time_s,
         })
+        if rt.on_epoch_end is not None:
+            rt.on_epoch_end({
+                "model": getattr(model, "module", model).state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "step": step, "epoch": epoch + 1, "result": asdict(result),
+            })
     return result

@@ -1,0 +1,78 @@
+"""Distributed runs on a real Ray local cluster, with the real service and Redis."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from trainer.distributed import JobConfig
+from trainer.launch import JobResult, _ray_init, launch
+
+pytestmark = pytest.mark.slow
+
+SMALL = dict(workers=2, num_samples=4000, width=16, batch_size=128, progress=False)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    _ray_init("")
+    yield
+    ray.shutdown()
+
+
+def test_two_workers_train_on_service_plans_and_stream_every_loss(ray_cluster, redis_url,
+                                                                  tmp_path):
+    job = JobConfig(**SMALL, epochs=3, plan_fraction=0.5, redis=redis_url, run="dist-plans",
+                    storage=str(tmp_path))
+    done = launch(job)
+    assert [e["epoch"] for e in done.result.epochs] == [1, 2, 3]
+    # 2 ranks x 7 batches x 128 ids per round (half the data), 3 rounds, all in the store
+    assert done.info["records"] == 3 * 2 * 7 * 128
+    assert done.info["lag_records"] == 0 and done.info["rejected_records"] == 0
+    assert len(done.hardest) == 10
+    assert done.hardest[0]["ema"] >= done.hardest[-1]["ema"]
+    assert 0 < done.result.epochs[-1]["samp_perc"] < 1
+
+
+def _train_worker_pids() -> list[int]:
+    """Ray Train workers of this test's cluster (its raylet is our child; other Ray clusters
+    may run on the machine at the same time)."""
+    pids = []
+    for p in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "RayTrainWorker" in " ".join(p.cmdline()):
+                pids.append(p.pid)
+    return pids
+
+
+def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_cluster, redis_url, tmp_path):
+    job = JobConfig(**{**SMALL, "num_samples": 8000, "width": 48}, epochs=6, redis=redis_url,
+                    run="dist-kill", storage=str(tmp_path), max_failures=2)
+    box: dict[str, object] = {}
+    runner = threading.Thread(target=lambda: box.update(done=launch(job)), daemon=True)
+    runner.start()
+    deadline = time.monotonic() + 240
+    ckpts: list[Path] = []
+    # The second checkpoint's folder means every rank finished reporting the first one.
+    while time.monotonic() < deadline and len(ckpts) < 2:
+        ckpts = list(tmp_path.glob("dist-kill/checkpoint_*"))
+        time.sleep(0.05)
+    assert len(ckpts) >= 2, "no checkpoint appeared"
+    pids = _train_worker_pids()
+    assert len(pids) == 2, pids
+    os.kill(pids[-1], signal.SIGKILL)
+    runner.join(300)
+    assert not runner.is_alive()
+    done = box["done"]
+    assert isinstance(done, JobResult)
+    assert [e["epoch"] for e in done.result.epochs] == [1, 2, 3, 4, 5, 6]
+    assert done.result.config.get("resumed_at_epochs"), "the run restarted from scratch"

@@ -1,0 +1,63 @@
+"""Plans from a real service, the local fallback when it is away, and rejoining it."""
+
+from __future__ import annotations
+
+import socket
+
+import torch
+
+from services.store import LossStore
+from trainer.client import SamplerClient
+from trainer.launch import local_service
+from trainer.plan_source import RoundPlans, batches_per_round, shard_plan
+
+
+def test_batches_per_round_is_equal_for_every_rank_and_at_least_one():
+    assert batches_per_round(1000, 2, 100) == 5
+    assert batches_per_round(1000, 3, 100) == 3
+    assert batches_per_round(1000, 2, 100, fraction=0.5) == 2
+    assert batches_per_round(10, 4, 100) == 1
+
+
+def test_shard_plans_are_disjoint_full_batches():
+    parts = [shard_plan(1000, 64, 7, r, 2, seed=3, epoch=1) for r in (0, 1)]
+    ids = [torch.cat(p) for p in parts]
+    assert all(len(p) == 7 and all(len(b) == 64 for b in p) for p in parts)
+    assert not set(ids[0].tolist()) & set(ids[1].tolist())
+    # more than the data per round: ids repeat rather than a rank running short
+    big = shard_plan(100, 64, 2, 1, 2, seed=0, epoch=0)
+    assert [len(b) for b in big] == [64, 64]
+
+
+def _dead_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])  # closed again: nothing listens there
+
+
+def test_falls_back_to_a_local_shuffle_and_rejoins_the_service(redis_url):
+    run = "plans-fallback"
+    store = LossStore.from_url(redis_url)
+    store.register_run(run, 2000)
+    port = _dead_port()
+    away = RoundPlans(SamplerClient(f"http://127.0.0.1:{port}", timeout_s=1), run,
+                      rank=1, world_size=2, batch_size=100, fraction=1.0, seed=5)
+    got = away(0, 2000)
+    assert away.fallback_rounds == 1 and away.service_rounds == 0
+    assert [b.tolist() for b in got] == [b.tolist() for b in shard_plan(2000, 100, 10, 1, 2, 5, 0)]
+
+    with local_service(redis_url, port=port) as url:
+        away(1, 2000)
+        assert away.service_rounds == 1  # rejoined
+        away.close()
+        store.register_run("plans-half", 2000)
+        plans = [RoundPlans(SamplerClient(url), "plans-half", rank=r, world_size=2, batch_size=100,
+                            fraction=0.5, seed=5) for r in (0, 1)]
+        rounds = [[p(epoch, 2000) for p in plans] for epoch in (0, 1)]
+        for p in plans:
+            assert p.service_rounds == 2 and p.fallback_rounds == 0
+            p.close()
+    for per_rank in rounds:
+        a, b = (torch.cat(x) for x in per_rank)
+        assert len(a) == len(b) == 500  # 5 batches of 100 each: half the data per round
+        assert not set(a.tolist()) & set(b.tolist())  # no example to two workers in a round

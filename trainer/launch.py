@@ -1,0 +1,170 @@
+"""Launches a distributed hardbatch run: what `hardbatch train` does.
+
+With no addresses it starts everything on this machine (a Ray local cluster, an embedded Redis,
+the sampler service in this process) and stops it all at the end; with `--address`,
+`--service` and `--redis` it joins existing ones.
+
+Example:
+    >>> from trainer.distributed import JobConfig
+    >>> result = launch(JobConfig(workers=2, epochs=2))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer.distributed import STATE_FILE, JobConfig, worker_loop
+from trainer.task import TaskArgs, load_task
+from trainer.train import RunResult
+
+log = logging.getLogger(__name__)
+
+# Ray 2.60 polls workers every ~2 s by default, so each `ray.train.report` costs that much.
+RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_DEDUP_LOGS": "1"}
+# The sampler service's bearer token (plans are a write): this process and every worker need it.
+TOKEN_ENV = "HARDBATCH_API_TOKEN"
+
+
+def _free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def local_service(redis_url: str, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Runs the sampler service under uvicorn in a thread of this process; yields its URL."""
+    import httpx
+    import uvicorn
+
+    from services.core.config import Settings
+    from services.main import create_app
+
+    port = port or _free_port(host)
+    settings = Settings(host=host, port=port, redis_url=redis_url, refresh_s=0.5)
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host=host, port=port,
+                                           log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, name="sampler-service", daemon=True)
+    thread.start()
+    url = f"http://{host}:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                break
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError(f"the sampler service did not start on {url}")
+        time.sleep(0.1)
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def _ray_init(address: str) -> bool:
+    """Connects to (or starts) Ray; returns whether this process started the cluster."""
+    import ray
+
+    for k, v in RAY_ENV.items():
+        os.environ.setdefault(k, v)
+    if ray.is_initialized():
+        return False
+    runtime_env = {"env_vars": {k: os.environ[k] for k in RAY_ENV}}
+    if os.environ.get(TOKEN_ENV):
+        runtime_env["env_vars"][TOKEN_ENV] = os.environ[TOKEN_ENV]
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        return False
+    ray.init(include_dashboard=False, runtime_env=runtime_env, log_to_driver=True)
+    return True
+
+
+def _use_gpu(job: JobConfig) -> bool:
+    return job.use_gpu == "yes" or (job.use_gpu == "auto" and torch.cuda.is_available())
+
+
+@dataclasses.dataclass
+class JobResult:
+    """A finished run: its metrics (as rank 0 checkpointed them) and its hardest samples."""
+
+    run: str
+    result: RunResult
+    hardest: list[dict[str, Any]]
+    info: dict[str, Any]
+
+
+def launch(job: JobConfig, top_k: int = 10) -> JobResult:
+    """Trains `job` on Ray Train workers with service plans and the loss store.
+
+    Args:
+        job: the run.
+        top_k: how many of the hardest samples to fetch from the service at the end.
+    """
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from services.redis_server import redis_url_or_embedded
+    from services.store import LossStore
+    from trainer.client import SamplerClient
+
+    run = job.run or f"hb-{time.strftime('%Y%m%d-%H%M%S')}"
+    task = load_task(job.task)(TaskArgs(job.num_samples, job.width, job.seed,
+                                        dict(job.task_args)))
+    with contextlib.ExitStack() as stack:
+        redis_url = stack.enter_context(redis_url_or_embedded(job.redis or None, tcp=True))
+        store = LossStore.from_url(redis_url)
+        store.register_run(run, task.num_samples)
+        store.client.close()
+        service = job.service or stack.enter_context(local_service(redis_url))
+        with SamplerClient(service, token=os.environ.get(TOKEN_ENV) or None) as client:
+            client.set_plan_config(run, alpha=job.alpha, lam=job.lam, total_rounds=job.epochs)
+        started = _ray_init(job.address)
+        if started:
+            stack.callback(ray.shutdown)
+        config = dataclasses.replace(job, run=run, redis=redis_url, service=service)
+        storage = Path(job.storage or "runs/ray").resolve()
+        trainer = TorchTrainer(
+            worker_loop,
+            train_loop_config=dataclasses.asdict(config),
+            scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=_use_gpu(job),
+                                         placement_strategy=job.placement,
+                                         resources_per_worker={"CPU": 1}),
+            run_config=RunConfig(
+                name=run, storage_path=str(storage),
+                failure_config=FailureConfig(max_failures=job.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        )
+        result = trainer.fit()
+        if result.error is not None:
+            raise RuntimeError(f"run {run} failed: {result.error}") from result.error
+        assert result.checkpoint is not None, "a finished run always has a checkpoint"
+        with result.checkpoint.as_directory() as d:
+            state: dict[str, Any] = torch.load(Path(d) / STATE_FILE, weights_only=False)
+        out = RunResult(**state["result"])
+        out.config.update(run=run, workers=job.workers, service=service)
+        with SamplerClient(service, token=os.environ.get(TOKEN_ENV) or None) as client:
+            hardest = _settled_top(client, run, top_k)
+            info = client.run_info(run)
+        return JobResult(run, out, hardest, info)
+
+
+def _settled_top(client: Any, run: str, k: int, timeout_s: float = 10.0) -> list[dict[str, Any]]:
+    """The hardest samples once the service has applied every record (or after timeout_s)."""
+    deadline = time.monotonic() + timeout_s
+    while client.run_info(run).get("lag_records", 0) > 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    top: list[dict[str, Any]] = client.top(run, k=k)
+    return top

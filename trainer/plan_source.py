@@ -1,0 +1,99 @@
+"""Where a worker's batches come from: the sampler service, or a local shuffle when it is away.
+
+A round is one epoch: the service composes it for all ranks at once (hard-biased, disjoint);
+this rank fetches its part one round ahead, so training never waits on the network. When the
+service cannot be reached the rank falls back to a seeded shuffle of its own shard for that
+round, and asks the service again for the next one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from trainer.client import Plan, SamplerClient, SamplerError
+
+log = logging.getLogger(__name__)
+
+
+def batches_per_round(num_samples: int, world_size: int, batch_size: int,
+                      fraction: float = 1.0) -> int:
+    """Batches each rank trains per round: the same on every rank (or DDP would hang)."""
+    return max(1, math.floor(fraction * num_samples / (world_size * batch_size)))
+
+
+def shard_plan(num_samples: int, batch_size: int, batches: int, rank: int, world_size: int,
+               seed: int, epoch: int) -> list[torch.Tensor]:
+    """A seeded shuffle cut into `batches` full batches per rank; ranks get disjoint ids."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(num_samples, generator=gen)
+    per_rank = batches * batch_size
+    if per_rank * world_size > num_samples:
+        # A round asks for more than the data: repeat the shuffle rather than short a rank.
+        perm = perm.repeat(math.ceil(per_rank * world_size / num_samples))
+    mine = perm[rank * per_rank:(rank + 1) * per_rank]
+    return list(mine.split(batch_size))
+
+
+class RoundPlans:
+    """`(epoch, num_samples) -> batches` for one rank, from the service with local fallback.
+
+    Args:
+        client: the sampler service, or None to always shuffle locally.
+        run: run name at the service.
+        rank: this rank.
+        world_size: number of ranks.
+        batch_size: samples per batch.
+        fraction: share of the dataset each round covers across all ranks.
+        seed: seed of the fallback shuffle.
+    """
+
+    def __init__(self, client: SamplerClient | None, run: str, rank: int, world_size: int,
+                 batch_size: int, fraction: float, seed: int) -> None:
+        self.client, self.run = client, run
+        self.rank, self.world_size = rank, world_size
+        self.batch_size, self.fraction, self.seed = batch_size, fraction, seed
+        self.service_rounds = 0
+        self.fallback_rounds = 0
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="plan-prefetch")
+        self._next: tuple[int, Future[Plan]] | None = None
+
+    def steps(self, num_samples: int) -> int:
+        return batches_per_round(num_samples, self.world_size, self.batch_size, self.fraction)
+
+    def _fetch(self, epoch: int, num_samples: int) -> Future[Plan]:
+        assert self.client is not None
+        return self._pool.submit(
+            self.client.plan, self.run, rank=self.rank, world_size=self.world_size,
+            round=epoch, batches=self.steps(num_samples), batch_size=self.batch_size)
+
+    def __call__(self, epoch: int, num_samples: int) -> list[torch.Tensor]:
+        if self.client is None:
+            return self._local(epoch, num_samples)
+        if self._next is None or self._next[0] != epoch:
+            self._next = (epoch, self._fetch(epoch, num_samples))
+        future = self._next[1]
+        self._next = (epoch + 1, self._fetch(epoch + 1, num_samples))  # one round ahead
+        try:
+            try:
+                plan = future.result()
+            except SamplerError:
+                # The prefetch may have failed while the service was away; ask once more now.
+                plan = self._fetch(epoch, num_samples).result()
+        except SamplerError as e:
+            self.fallback_rounds += 1
+            log.warning("rank %d round %d: %s; training on a local shuffle this round",
+                        self.rank, epoch, e)
+            return self._local(epoch, num_samples)
+        self.service_rounds += 1
+        return list(torch.from_numpy(plan.ids))
+
+    def _local(self, epoch: int, num_samples: int) -> list[torch.Tensor]:
+        return shard_plan(num_samples, self.batch_size, self.steps(num_samples), self.rank,
+                          self.world_size, self.seed, epoch)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
