@@ -22,17 +22,10 @@ def bench(name: str, quick: bool, out: str) -> None:
     run_benchmark(name, quick=quick, out=out)
 
 
-# Commands from other modules are registered here, one line each.
+# The other commands live beside the code they drive.
+from services.cli_service import hardness_cmd, serve_cmd, top_cmd  # noqa: E402
+from services.cli_store import export_cmd, runs_cmd  # noqa: E402
 from trainer.cli_train import train_cmd  # noqa: E402
 
-main.add_command(train_cmd)
-from services.cli_store import export_cmd, runs_cmd  # noqa: E402
-
-main.add_command(export_cmd)
-main.add_command(runs_cmd)
-from services.cli_service import hardness_cmd, serve_cmd, top_cmd  # noqa: E402
-
-main.add_command(serve_cmd)
-main.add_command(hardness_cmd)
-main.add_command(top_cmd)
-
+for command in (train_cmd, serve_cmd, hardness_cmd, top_cmd, runs_cmd, export_cmd):
+    main.add_command(command)

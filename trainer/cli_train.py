@@ -36,7 +36,8 @@ def print_hardest(run: str, hardest: list[dict[str, Any]]) -> None:
 @click.command("train")
 @options_from(JobConfig)
 @click.option("--local", is_flag=True,
-              help="Train in this process: no Ray, no service, no loss store.")
+              help="Train in this process, without Ray or the service; losses still go to the "
+                   "store (--redis, or an embedded Redis).")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Folder for metrics.json and plots [default: runs/<time>].")
 def train_cmd(local: bool, out: str | None, **values: object) -> None:
@@ -53,7 +54,20 @@ def train_cmd(local: bool, out: str | None, **values: object) -> None:
     out_dir = Path(out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     hardest = None
     if local:
-        result = fit(job.train_config())
+        from trainer.streaming import loss_stream
+        from trainer.task import TaskArgs
+
+        run = job.run or f"local-{time.strftime('%Y%m%d-%H%M%S')}"
+        n = load_task(job.task)(TaskArgs(job.num_samples, job.width, job.seed,
+                                         dict(job.task_args))).num_samples
+        with loss_stream(run, n, job.redis or None) as stream:
+            result = fit(job.train_config(), reporter=stream.reporter)
+            summary = stream.finish()
+        d = summary.delivery
+        print(f"loss store: {d.delivered_records:,} of {d.reported_records:,} records "
+              f"delivered, {summary.info.rejected} rejected"
+              + ("" if d.ok else f"; {d.pending_records:,} NOT delivered ({d.spill_path})"))
+        hardest = (run, [{**h, "id": h["sample_id"]} for h in summary.hardest])
     else:
         from trainer.launch import launch
 
