@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from sampler.records import as_columns
+
 FIELDS: tuple[str, ...] = ("last_loss", "ema", "seen", "kept", "last_step")
 FIELD_DTYPES: dict[str, np.dtype[Any]] = {
     "last_loss": np.dtype("<f4"),
@@ -73,23 +75,8 @@ def as_batch(
         ValueError: wrong dimensions, mismatched lengths, non-integer ids, or a step that is
             negative or does not fit in 32 bits.
     """
-    ids_a = np.asarray(ids)
-    losses_a = np.asarray(losses)
-    kept_a = np.asarray(kept)
-    for name, arr in (("ids", ids_a), ("losses", losses_a), ("kept", kept_a)):
-        if arr.ndim != 1:
-            raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
+    ids_a, losses_a, kept_a = as_columns(ids, losses, kept)
     n = len(ids_a)
-    if len(losses_a) != n or len(kept_a) != n:
-        raise ValueError(
-            f"mismatched lengths: ids {n}, losses {len(losses_a)}, kept {len(kept_a)}"
-        )
-    if n and ids_a.dtype.kind not in "iu":
-        raise ValueError(f"ids must be integers, got dtype {ids_a.dtype}")
-    if n and losses_a.dtype.kind not in "fiu":
-        raise ValueError(f"losses must be numbers, got dtype {losses_a.dtype}")
-    if n and kept_a.dtype.kind not in "biu":
-        raise ValueError(f"kept must be a bool mask, got dtype {kept_a.dtype}")
     step_a = np.asarray(step)
     if step_a.ndim not in (0, 1) or (step_a.ndim == 1 and len(step_a) != n):
         raise ValueError(f"step must be a scalar or one per record, got shape {step_a.shape}")

@@ -30,12 +30,15 @@ def test_console_script_is_installed():
     assert out.returncode == 0 and "train" in out.stdout
 
 
-def test_train_command_writes_metrics_and_plots(tmp_path):
+def test_local_train_command_streams_losses_and_writes_metrics_and_plots(tmp_path, redis_url):
     result = CliRunner().invoke(main, [
-        "train", "--num-samples", "800", "--epochs", "2", "--width", "8", "--batch-size", "100",
-        "--no-progress", "--out", str(tmp_path)])
+        "train", "--local", "--num-samples", "800", "--epochs", "2", "--width", "8",
+        "--batch-size", "100", "--no-progress", "--out", str(tmp_path), "--redis", redis_url,
+        "--run", "cli-local"])
     assert result.exit_code == 0, result.output
     assert "val acc" in result.output and "final accuracy" in result.output
+    assert "1,600 of 1,600 records delivered, 0 rejected" in result.output
+    assert "hardest samples of run cli-local" in result.output
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert len(metrics["epochs"]) == 2
     assert {p.name for p in tmp_path.glob("*.png")} == {

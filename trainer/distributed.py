@@ -82,6 +82,14 @@ def _all_reduce(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def _quiet_logs() -> None:
+    """Drops INFO lines that repeat, per plan and per epoch, what the progress bar shows."""
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    for name in list(logging.root.manager.loggerDict):
+        if "ray/train" in name or name.startswith("ray.train"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def worker_loop(cfg: dict[str, Any]) -> None:
     """Runs on every Ray Train worker."""
     import ray.train
@@ -91,7 +99,7 @@ def worker_loop(cfg: dict[str, Any]) -> None:
     from trainer.plan_source import RoundPlans
     from trainer.reporter import LossReporter
 
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per plan otherwise
+    _quiet_logs()
     job = JobConfig(**cfg)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

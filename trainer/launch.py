@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from trainer.distributed import STATE_FILE, JobConfig, worker_loop
+from trainer.plan_source import batches_per_round
 from trainer.task import TaskArgs, load_task
 from trainer.train import RunResult
 
@@ -147,7 +148,13 @@ def launch(job: JobConfig, top_k: int = 10) -> JobResult:
                 failure_config=FailureConfig(max_failures=job.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=2)),
         )
-        result = trainer.fit()
+        if job.progress and job.plans == "service":
+            steps = batches_per_round(task.num_samples, job.workers, job.batch_size,
+                                      job.plan_fraction)
+            total = job.epochs * steps * job.batch_size * job.workers
+            result = _fit_following(trainer, service, run, total)
+        else:
+            result = trainer.fit()
         if result.error is not None:
             raise RuntimeError(f"run {run} failed: {result.error}") from result.error
         assert result.checkpoint is not None, "a finished run always has a checkpoint"
@@ -159,6 +166,30 @@ def launch(job: JobConfig, top_k: int = 10) -> JobResult:
             hardest = _settled_top(client, run, top_k)
             info = client.run_info(run)
         return JobResult(run, out, hardest, info)
+
+
+def _fit_following(trainer: Any, service: str, run: str, total: int) -> Any:
+    """Runs `trainer.fit()` with a progress bar of the examples the store has materialized:
+    the bar follows the data flow itself, not a worker's stdout."""
+    from tqdm.auto import tqdm
+
+    from trainer.client import SamplerClient, SamplerError
+
+    box: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: box.update(result=trainer.fit()), daemon=True)
+    thread.start()
+    with SamplerClient(service, token=os.environ.get(TOKEN_ENV) or None, timeout_s=2) as client, \
+            tqdm(total=total, desc=f"run {run}", unit="ex", unit_scale=True) as bar:
+        while thread.is_alive():
+            thread.join(1.0)
+            with contextlib.suppress(SamplerError):
+                info = client.run_info(run)
+                bar.update(min(int(info.get("applied_records") or 0), total) - bar.n)
+                if info.get("kept_fraction") is not None:
+                    bar.set_postfix(kept=f"{info['kept_fraction']:.2f}")
+    if "result" not in box:
+        raise RuntimeError(f"run {run}: the trainer stopped without a result")
+    return box["result"]
 
 
 def _settled_top(client: Any, run: str, k: int, timeout_s: float = 10.0) -> list[dict[str, Any]]:

@@ -262,8 +262,9 @@ def fit(config: TrainConfig, reporter: Reporter | None = None,
         eval_at = {round(len(id_batches) * (k + 1) / config.evals_per_epoch)
                    for k in range(config.evals_per_epoch)}
         batches: Iterable = iter_batches(task.train, id_batches)
-        bar = tqdm(batches, total=len(id_batches), desc=f"epoch {epoch + 1}/{config.epochs}",
-                   disable=not config.progress or rt.rank != 0, leave=False)
+        desc = f"epoch {epoch + 1}/{config.epochs}"
+        bar = (tqdm(batches, total=len(id_batches), desc=desc, leave=False)
+               if config.progress and rt.world_size == 1 else batches)
         tick = time.perf_counter()
         for i, (ids, (x, y, *_)) in enumerate(bar, start=1):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -284,7 +285,8 @@ def fit(config: TrainConfig, reporter: Reporter | None = None,
                 result.evals.append({"epoch": epoch + i / len(id_batches), "step": step,
                                      "train_time_s": result.train_time_s,
                                      "val_loss": val_loss, "val_accuracy": val_acc})
-                bar.set_postfix(acc=f"{val_acc:.4f}", kept=f"{kept_n / scored_n:.2f}")
+                if isinstance(bar, tqdm):
+                    bar.set_postfix(acc=f"{val_acc:.4f}", kept=f"{kept_n / scored_n:.2f}")
                 tick = time.perf_counter()
         result.train_time_s += time.perf_counter() - tick
         last = result.evals[-1]

@@ -31,8 +31,9 @@ def ray_cluster():
 
 def test_two_workers_train_on_service_plans_and_stream_every_loss(ray_cluster, redis_url,
                                                                   tmp_path):
-    job = JobConfig(**SMALL, epochs=3, plan_fraction=0.5, redis=redis_url, run="dist-plans",
-                    storage=str(tmp_path))
+    # progress=True: the driver follows the run through the service while it trains
+    job = JobConfig(**{**SMALL, "progress": True}, epochs=3, plan_fraction=0.5,
+                    redis=redis_url, run="dist-plans", storage=str(tmp_path))
     done = launch(job)
     assert [e["epoch"] for e in done.result.epochs] == [1, 2, 3]
     # 2 ranks x 7 batches x 128 ids per round (half the data), 3 rounds, all in the store
