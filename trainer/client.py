@@ -88,7 +88,8 @@ class SamplerClient:
             raise SamplerError(f"sampler service at {self.base_url} unreachable: {e}") from e
         if resp.status_code >= 400:
             try:
-                detail = resp.json().get("detail", resp.text)
+                body = resp.json()
+                detail = body.get("detail", resp.text) if isinstance(body, dict) else resp.text
             except ValueError:
                 detail = resp.text
             raise SamplerError(f"{method} {path}: {resp.status_code} {detail}", resp.status_code)
@@ -104,7 +105,10 @@ class SamplerClient:
                 "with_losses": with_losses}
         resp = self._request("POST", f"/v1/runs/{run}/plans", json=body,
                              headers={"Accept": ARROW_STREAM})
-        return _plan_from_arrow(resp.content, batches, batch_size)
+        try:
+            return _plan_from_arrow(resp.content, batches, batch_size)
+        except (pa.ArrowException, KeyError, ValueError) as e:  # a garbled answer is an outage
+            raise SamplerError(f"plan for round {round} unreadable: {e}", 502) from e
 
     def prefetch(self, run: str, *, rank: int, world_size: int, start_round: int, batches: int,
                  batch_size: int, depth: int = 2, rounds: int | None = None,

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,9 @@ class JobConfig(TrainConfig):
     storage: str = field(default="", metadata={
         "help": "Where Ray Train keeps checkpoints [default: runs/ray under this folder]."})
     use_gpu: str = field(default="auto", metadata={"help": "yes, no, or auto (if CUDA)."})
+    resume: bool = field(default=False, metadata={
+        "help": "Continue --run from its last checkpoint in --storage (else a run name that "
+                "already has checkpoints is refused)."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -76,10 +80,15 @@ class JobConfig(TrainConfig):
         return TrainConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
 
 
-def _all_reduce(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    torch.distributed.all_reduce(t)
-    return t.tolist()
+def _all_reducer(device: torch.device) -> Callable[[list[float]], list[float]]:
+    """Sums over ranks on `device`: NCCL reduces only CUDA tensors, gloo CPU ones."""
+
+    def all_reduce(values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(t)
+        return t.tolist()
+
+    return all_reduce
 
 
 def _quiet_logs() -> None:
@@ -103,13 +112,14 @@ def worker_loop(cfg: dict[str, Any]) -> None:
     job = JobConfig(**cfg)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
     config = dataclasses.replace(job.train_config(), threads=job.threads or 1,
-                                 device=str(ray.train.torch.get_device()))
+                                 device=str(device))
     service = job.plans == "service"
     token = os.environ.get("HARDBATCH_API_TOKEN") or None  # plans are a write: they need it
     client = SamplerClient(job.service, token=token) if service and job.service else None
     plans = RoundPlans(client, job.run, rank, world, job.batch_size, job.plan_fraction,
-                       job.seed)
+                       job.seed, rounds=job.epochs)
     reporter = LossReporter(job.redis, job.run, rank) if service and job.redis else None
 
     resume = None
@@ -131,7 +141,7 @@ def worker_loop(cfg: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
     runtime = Runtime(rank=rank, world_size=world, wrap=ray.train.torch.prepare_model,
-                      all_reduce=_all_reduce, plans=plans, steps_per_epoch=plans.steps,
+                      all_reduce=_all_reducer(device), plans=plans, steps_per_epoch=plans.steps,
                       on_epoch_end=on_epoch_end, resume=resume)
     try:
         fit(config, reporter=reporter, runtime=runtime)

@@ -119,11 +119,24 @@ def launch(job: JobConfig, top_k: int = 10) -> JobResult:
 
     from services.redis_server import redis_url_or_embedded
     from services.store import LossStore
-    from trainer.client import SamplerClient
+    from trainer.client import SamplerClient, SamplerError
 
-    run = job.run or f"hb-{time.strftime('%Y%m%d-%H%M%S')}"
+    run = job.run or f"hb-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}"
     task = load_task(job.task)(TaskArgs(job.num_samples, job.width, job.seed,
                                         dict(job.task_args)))
+    if job.plan_fraction * task.num_samples < job.workers * job.batch_size:
+        raise ValueError(
+            f"a round of {job.plan_fraction} x {task.num_samples} samples cannot give "
+            f"{job.workers} workers a batch of {job.batch_size} each")
+    # Remote storage (s3://, gs://, ...) is Ray's business; a local path is made absolute.
+    storage = job.storage or "runs/ray"
+    if "://" not in storage:
+        storage = str(Path(storage).resolve())
+        # Ray Train resumes from whatever checkpoints it finds under storage/run: a rerun of a
+        # named run must not silently return the old run's results.
+        if not job.resume and (Path(storage) / run).exists():
+            raise ValueError(f"run {run!r} already has checkpoints in {Path(storage) / run}; "
+                             "pass --resume to continue it, or choose another --run")
     with contextlib.ExitStack() as stack:
         redis_url = stack.enter_context(redis_url_or_embedded(job.redis or None, tcp=True))
         store = LossStore.from_url(redis_url)
@@ -136,7 +149,6 @@ def launch(job: JobConfig, top_k: int = 10) -> JobResult:
         if started:
             stack.callback(ray.shutdown)
         config = dataclasses.replace(job, run=run, redis=redis_url, service=service)
-        storage = Path(job.storage or "runs/ray").resolve()
         trainer = TorchTrainer(
             worker_loop,
             train_loop_config=dataclasses.asdict(config),
@@ -144,7 +156,7 @@ def launch(job: JobConfig, top_k: int = 10) -> JobResult:
                                          placement_strategy=job.placement,
                                          resources_per_worker={"CPU": 1}),
             run_config=RunConfig(
-                name=run, storage_path=str(storage),
+                name=run, storage_path=storage,
                 failure_config=FailureConfig(max_failures=job.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=2)),
         )
@@ -162,9 +174,14 @@ def launch(job: JobConfig, top_k: int = 10) -> JobResult:
             state: dict[str, Any] = torch.load(Path(d) / STATE_FILE, weights_only=False)
         out = RunResult(**state["result"])
         out.config.update(run=run, workers=job.workers, service=service)
-        with SamplerClient(service, token=os.environ.get(TOKEN_ENV) or None) as client:
-            hardest = _settled_top(client, run, top_k)
-            info = client.run_info(run)
+        hardest: list[dict[str, Any]] = []
+        info: dict[str, Any] = {}
+        try:
+            with SamplerClient(service, token=os.environ.get(TOKEN_ENV) or None) as client:
+                hardest = _settled_top(client, run, top_k)
+                info = client.run_info(run)
+        except SamplerError as e:  # the run is done and checkpointed: report, don't lose it
+            log.warning("run %s finished, but the service did not answer: %s", run, e)
         return JobResult(run, out, hardest, info)
 
 
@@ -176,7 +193,14 @@ def _fit_following(trainer: Any, service: str, run: str, total: int) -> Any:
     from trainer.client import SamplerClient, SamplerError
 
     box: dict[str, Any] = {}
-    thread = threading.Thread(target=lambda: box.update(result=trainer.fit()), daemon=True)
+
+    def fit() -> None:
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as e:  # handed to the caller's thread below
+            box["error"] = e
+
+    thread = threading.Thread(target=fit, daemon=True)
     thread.start()
     with SamplerClient(service, token=os.environ.get(TOKEN_ENV) or None, timeout_s=2) as client, \
             tqdm(total=total, desc=f"run {run}", unit="ex", unit_scale=True) as bar:
@@ -187,8 +211,8 @@ def _fit_following(trainer: Any, service: str, run: str, total: int) -> Any:
                 bar.update(min(int(info.get("applied_records") or 0), total) - bar.n)
                 if info.get("kept_fraction") is not None:
                     bar.set_postfix(kept=f"{info['kept_fraction']:.2f}")
-    if "result" not in box:
-        raise RuntimeError(f"run {run}: the trainer stopped without a result")
+    if "error" in box:
+        raise box["error"]
     return box["result"]
 
 

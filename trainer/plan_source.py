@@ -1,15 +1,18 @@
 """Where a worker's batches come from: the sampler service, or a local shuffle when it is away.
 
-A round is one epoch: the service composes it for all ranks at once (hard-biased, disjoint);
-this rank fetches its part one round ahead, so training never waits on the network. When the
-service cannot be reached the rank falls back to a seeded shuffle of its own shard for that
-round, and asks the service again for the next one.
+A round is one epoch: the service composes it for all ranks at once (hard-biased, disjoint).
+This rank asks for round e+1 when 90% of round e is trained: late enough that the service has
+most of round e's losses (the first time, which samples round 0 skipped), early enough that
+training never waits on the network. When the service cannot be reached (no answer, or a 5xx),
+the rank falls back to a seeded shuffle of its own shard for that round and asks the service
+again for the next one. A 4xx is a mistake (token, run, round shape), not an outage: it raises.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -49,11 +52,14 @@ class RoundPlans:
         batch_size: samples per batch.
         fraction: share of the dataset each round covers across all ranks.
         seed: seed of the fallback shuffle.
+        rounds: how many rounds the run has (nothing is prefetched past the last).
     """
 
+    PREFETCH_AT = 0.9  # share of a round trained before the next one is requested
+
     def __init__(self, client: SamplerClient | None, run: str, rank: int, world_size: int,
-                 batch_size: int, fraction: float, seed: int) -> None:
-        self.client, self.run = client, run
+                 batch_size: int, fraction: float, seed: int, rounds: int | None = None) -> None:
+        self.client, self.run, self.rounds = client, run, rounds
         self.rank, self.world_size = rank, world_size
         self.batch_size, self.fraction, self.seed = batch_size, fraction, seed
         self.service_rounds = 0
@@ -76,20 +82,31 @@ class RoundPlans:
         if self._next is None or self._next[0] != epoch:
             self._next = (epoch, self._fetch(epoch, num_samples))
         future = self._next[1]
-        self._next = (epoch + 1, self._fetch(epoch + 1, num_samples))  # one round ahead
         try:
             try:
                 plan = future.result()
-            except SamplerError:
+            except SamplerError as e:
+                if not _outage(e):
+                    raise
                 # The prefetch may have failed while the service was away; ask once more now.
                 plan = self._fetch(epoch, num_samples).result()
         except SamplerError as e:
+            if not _outage(e):
+                raise
             self.fallback_rounds += 1
             log.warning("rank %d round %d: %s; training on a local shuffle this round",
                         self.rank, epoch, e)
-            return self._local(epoch, num_samples)
-        self.service_rounds += 1
-        return list(torch.from_numpy(plan.ids))
+            batches = self._local(epoch, num_samples)
+        else:
+            self.service_rounds += 1
+            batches = list(torch.from_numpy(plan.ids))
+        if self.rounds is not None and epoch + 1 >= self.rounds:
+            return batches
+        at = min(int(len(batches) * self.PREFETCH_AT), len(batches) - 1)
+        return _Round(batches, at, lambda: self._prefetch(epoch + 1, num_samples))
+
+    def _prefetch(self, epoch: int, num_samples: int) -> None:
+        self._next = (epoch, self._fetch(epoch, num_samples))
 
     def _local(self, epoch: int, num_samples: int) -> list[torch.Tensor]:
         return shard_plan(num_samples, self.batch_size, self.steps(num_samples), self.rank,
@@ -97,3 +114,22 @@ class RoundPlans:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _outage(e: SamplerError) -> bool:
+    """No answer or a server error: worth a local shuffle. A 4xx is the caller's mistake."""
+    return e.status is None or e.status >= 500
+
+
+class _Round(list[torch.Tensor]):
+    """A round's batches that call `hook` once iteration reaches batch `at`."""
+
+    def __init__(self, batches: list[torch.Tensor], at: int, hook: Callable[[], None]) -> None:
+        super().__init__(batches)
+        self._at, self._hook = at, hook
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for i, batch in enumerate(super().__iter__()):
+            if i == self._at:
+                self._hook()
+            yield batch

@@ -290,12 +290,14 @@ def fit(config: TrainConfig, reporter: Reporter | None = None,
                 tick = time.perf_counter()
         result.train_time_s += time.perf_counter() - tick
         last = result.evals[-1]
-        loss_sum, seen, kept_sum = rt.all_reduce([scored_sum, float(scored_n), float(kept_n)])
+        share_sum = float(np.sum(filt.loss_perc)) if filt else float(len(id_batches))
+        loss_sum, seen, kept_sum, share_sum, steps = rt.all_reduce(
+            [scored_sum, float(scored_n), float(kept_n), share_sum, float(len(id_batches))])
         result.epochs.append({
             "epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
             "val_loss": last["val_loss"], "val_accuracy": last["val_accuracy"],
             "samp_perc": kept_sum / max(seen, 1),
-            "loss_perc": float(np.mean(filt.loss_perc)) if filt else 1.0,
+            "loss_perc": share_sum / max(steps, 1),
             "epoch_time_s": result.train_time_s - epoch_start,
             "train_time_s": result.train_time_s,
         })

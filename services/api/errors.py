@@ -41,8 +41,8 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(UnknownRunError, unknown_run)
     app.add_exception_handler(StoreError, bad_input)
     app.add_exception_handler(RunNotReadyError, unavailable)
-    app.add_exception_handler(redis.ConnectionError, unavailable)
-    app.add_exception_handler(redis.TimeoutError, unavailable)
+    # Any Redis failure (down, timeout, out of memory, read-only replica) is an outage: 503.
+    app.add_exception_handler(redis.RedisError, unavailable)
 
 
 def _allowed_methods(app: FastAPI, path: str) -> list[str]:

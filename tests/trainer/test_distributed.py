@@ -77,3 +77,11 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_cluster, redis_url
     assert isinstance(done, JobResult)
     assert [e["epoch"] for e in done.result.epochs] == [1, 2, 3, 4, 5, 6]
     assert done.result.config.get("resumed_at_epochs"), "the run restarted from scratch"
+
+
+def test_bad_jobs_are_refused_before_anything_starts(tmp_path):
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(ValueError, match="already has checkpoints"):
+        launch(JobConfig(**SMALL, epochs=1, run="taken", storage=str(tmp_path)))
+    with pytest.raises(ValueError, match="cannot give"):
+        launch(JobConfig(**{**SMALL, "batch_size": 4000}, epochs=1, storage=str(tmp_path)))

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import socket
 
+import pytest
 import torch
 
 from services.store import LossStore
-from trainer.client import SamplerClient
+from trainer.client import SamplerClient, SamplerError
 from trainer.launch import local_service
 from trainer.plan_source import RoundPlans, batches_per_round, shard_plan
 
@@ -61,3 +62,31 @@ def test_falls_back_to_a_local_shuffle_and_rejoins_the_service(redis_url):
         a, b = (torch.cat(x) for x in per_rank)
         assert len(a) == len(b) == 500  # 5 batches of 100 each: half the data per round
         assert not set(a.tolist()) & set(b.tolist())  # no example to two workers in a round
+
+
+def test_next_round_is_requested_late_in_the_round_and_not_past_the_last(redis_url):
+    store = LossStore.from_url(redis_url)
+    store.register_run("plans-late", 2000)
+    with local_service(redis_url) as url:
+        plans = RoundPlans(SamplerClient(url), "plans-late", rank=0, world_size=1,
+                           batch_size=100, fraction=1.0, seed=0, rounds=2)
+        first = plans(0, 2000)
+        assert len(first) == 20 and plans._next is not None and plans._next[0] == 0
+        seen = []
+        for i, _ in enumerate(first):
+            seen.append((i, plans._next[0]))
+        assert seen[17] == (17, 0) and seen[18] == (18, 1)  # asked at 90% of the round
+        last = plans(1, 2000)
+        assert list(iter(last)) and plans._next[0] == 1  # nothing asked past the last round
+        assert plans.service_rounds == 2
+        plans.close()
+
+
+def test_a_4xx_is_a_mistake_that_raises_not_an_outage(redis_url):
+    with local_service(redis_url) as url:
+        plans = RoundPlans(SamplerClient(url), "no-such-run", rank=0, world_size=1,
+                           batch_size=100, fraction=1.0, seed=0)
+        with pytest.raises(SamplerError) as err:
+            plans(0, 2000)
+        assert err.value.status == 404 and plans.fallback_rounds == 0
+        plans.close()
