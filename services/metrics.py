@@ -53,7 +53,7 @@ class PlanLatency:
                            f"{self._sums[run]:.6f}")
                 out.append(f'hardbatch_plan_latency_seconds_count{{run="{run}"}} {cum}')
             out += [
-                "# HELP hardbatch_plan_errors_total Plan requests answered with an error.",
+                "# HELP hardbatch_plan_errors_total Plan requests refused (409, 422).",
                 "# TYPE hardbatch_plan_errors_total counter",
             ]
             for (run, status), n in sorted(self._errors.items()):
