@@ -34,6 +34,12 @@ class RunSummary(BaseModel):
     run: str
     num_samples: int | None = Field(default=None, description="Dataset size (null while loading).")
     ready: bool = Field(description="Whether the service has loaded the run's table.")
+    records: int | None = Field(default=None, description="Loss records appended to the log.")
+    lag_records: int | None = Field(
+        default=None, description="Records appended but not yet materialized."
+    )
+    world_size: int | None = Field(default=None, description="World size of the last plan request.")
+    round: int | None = Field(default=None, description="Round of the last plan request.")
 
 
 class RunList(BaseModel):

@@ -8,7 +8,9 @@ import httpx
 def test_list_runs(service, filled):
     run, table = filled
     body = httpx.get(service.url + "/v1/runs").json()
-    assert {"run": run, "num_samples": table.size, "ready": True} in body["runs"]
+    (mine,) = [r for r in body["runs"] if r["run"] == run]
+    assert mine["num_samples"] == table.size and mine["ready"]
+    assert mine["records"] == table.applied and mine["lag_records"] == 0
 
 
 def test_run_detail_has_counters_and_stats(service, filled):
@@ -23,6 +25,9 @@ def test_run_detail_has_counters_and_stats(service, filled):
     assert d["seen_samples"] == int((table.seen > 0).sum())
     assert abs(d["kept_fraction"] - table.kept.sum() / table.seen.sum()) < 1e-9
     assert d["world_size"] == 2 and d["round"] == 7
+    listed = httpx.get(service.url + "/v1/runs").json()["runs"]
+    assert {"run": run, "world_size": 2, "round": 7}.items() <= next(
+        r for r in listed if r["run"] == run).items()
     assert set(d["hardness_quantiles"]) == {"0.5", "0.9", "0.99"}
     assert d["plan_config"]["alpha"] == 1.0
 

@@ -8,6 +8,7 @@ from services.api.deps import WRITE, State, live_run, require_read, require_writ
 from services.api.routes.common import RunName, errors
 from services.api.schemas import PlanConfigModel, RunDetail, RunList, RunSummary
 from services.live_runs import RunNotReadyError
+from services.store import UnknownRunError
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"])
 
@@ -15,14 +16,22 @@ router = APIRouter(prefix="/v1/runs", tags=["runs"])
 @router.get("", response_model=RunList, dependencies=[Depends(require_read)],
             responses=errors(401, 503))
 def list_runs(state: State) -> RunList:
-    """Every run in the store, and whether this service has loaded it."""
+    """Every run in the store: size, ingest counters and lag, last world size and round."""
     loaded = {r.run: r for r in state.runs.loaded()}
     out = []
     for name in state.runs.names():
         r = loaded.get(name)
         ready = r is not None and r.ready
-        out.append(RunSummary(run=name, ready=ready,
-                              num_samples=r.num_samples if r is not None and ready else None))
+        summary = RunSummary(run=name, ready=ready,
+                             num_samples=r.num_samples if r is not None and ready else None)
+        if r is not None:
+            summary.world_size, summary.round = r.last_world_size, r.last_round
+        try:
+            info = state.store.run_info(name)
+        except UnknownRunError:  # deleted since it was listed
+            continue
+        summary.records, summary.lag_records = info.records, info.lag_records
+        out.append(summary)
     return RunList(runs=out)
 
 
