@@ -177,7 +177,8 @@ def train_step(
     x: torch.Tensor, y: torch.Tensor, filt: LossShareFilter | None,
     kept_total: Callable[[int], int] = lambda k: k, score_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step; returns (per-sample losses of the whole batch, kept mask).
+    """One optimizer step; returns (per-sample losses of the whole batch, kept mask), on the CPU
+    when filtering.
 
     `kept_total(k)` maps this process's kept count to the count over all data-parallel ranks,
     so that the loss is a sum over kept examples divided by the global kept count: ranks that
@@ -193,7 +194,11 @@ def train_step(
                                   enabled=score_dtype is not None)
         with torch.inference_mode(), autocast:
             scored = per_sample(task.loss(model(x), y)).float()
-        keep = filt(scored).clone()  # clone: leave inference mode before autograd sees it
+        # Select on the CPU: one copy instead of a device sync per step of the selection; the
+        # copy also leaves inference mode, and the caller wants the losses there anyway.
+        scored = scored.cpu() if scored.is_cuda else scored.clone()
+        keep_cpu = filt(scored)
+        keep = keep_cpu.to(x.device)
         losses = per_sample(task.loss(model(x[keep]), y[keep]))
     count = kept_total(losses.shape[0])
     # DDP averages gradients over ranks; scaling by world size turns that into a global sum.
@@ -202,8 +207,8 @@ def train_step(
     optimizer.step()
     if keep is None:
         return losses.detach(), torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-    mask = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-    mask[keep] = True
+    mask = torch.zeros(x.shape[0], dtype=torch.bool)
+    mask[keep_cpu] = True
     return scored, mask
 
 
