@@ -244,9 +244,8 @@ class LossReporter:
             self._mem.append(records)
             self._mem_records += len(records)
             self._reported += len(records)
-            if self._mem_records > self.max_buffer_records:
-                self._spill_memory()
-                self._cond.notify_all()
+            # Past the bound the sender thread spills (packing and writing a file here would
+            # stall the training step), before its next send or retry: within ~1 s.
             # Wake the sender only when it has something new to decide: a linger to start or
             # a full batch. Waking it on every report would hand it the GIL every step.
             if was_empty or self._mem_records >= self.max_batch_records:
@@ -535,6 +534,8 @@ class LossReporter:
         backoff = 0.02
         while True:
             with self._cond:
+                if self._mem_records > self.max_buffer_records:
+                    self._spill_memory()  # Redis down, or slower than the producer
                 batch = None
                 while self._ready and not self._closing:
                     wait = self._send_wait()

@@ -124,6 +124,10 @@ def test_buffers_and_spills_until_redis_appears_then_delivers_once(
     rec = Recording(rep)
     for step in range(60):
         rec.report(*random_batch(rng, 500, 100), step, 0)
+    # The sender thread spills, within one retry interval (never the training thread).
+    deadline = time.monotonic() + 5
+    while not list(spill_dir.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert list(spill_dir.iterdir()), "past the bound the records go to disk"
     restartable.start()
     for step in range(60, 80):
