@@ -175,18 +175,22 @@ def evaluate(task: Task, model: torch.nn.Module, device: torch.device, rt: Runti
 def train_step(
     task: Task, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     x: torch.Tensor, y: torch.Tensor, filt: LossShareFilter | None,
-    kept_total: Callable[[int], int] = lambda k: k, score_dtype: torch.dtype | None = None,
+    all_reduce: Callable[[list[float]], list[float]] = lambda v: v,
+    score_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step; returns (per-sample losses of the whole batch, kept mask), on the CPU
     when filtering.
 
-    `kept_total(k)` maps this process's kept count to the count over all data-parallel ranks,
-    so that the loss is a sum over kept examples divided by the global kept count: ranks that
-    keep more examples weigh more, as they should (design.md §6). `score_dtype` runs the scoring
-    forward under autocast: it only ranks examples, so bf16 is precise enough and ~3x cheaper.
+    `all_reduce` sums over the data-parallel ranks. The loss is a sum over kept examples divided
+    by the kept count of all ranks, so ranks that keep more examples weigh more, as they should
+    (design.md §6). The counts are reduced before the training forward, together with whether
+    any rank's filter refused its batch (NaN/inf losses): then every rank raises at the same
+    step instead of the others waiting in a collective. `score_dtype` runs the scoring forward
+    under autocast: it only ranks examples, so bf16 is precise enough and ~3x cheaper.
     """
     optimizer.zero_grad(set_to_none=True)
     if filt is None:
+        count = all_reduce([float(x.shape[0])])[0]
         losses = per_sample(task.loss(model(x), y))
         keep = None
     else:
@@ -197,10 +201,16 @@ def train_step(
         # Select on the CPU: one copy instead of a device sync per step of the selection; the
         # copy also leaves inference mode, and the caller wants the losses there anyway.
         scored = scored.cpu() if scored.is_cuda else scored.clone()
-        keep_cpu = filt(scored)
+        try:
+            keep_cpu, refused = filt(scored), None
+        except ValueError as e:
+            keep_cpu, refused = torch.zeros(0, dtype=torch.long), e
+        count, n_refused = all_reduce([float(len(keep_cpu)), float(refused is not None)])
+        if n_refused:
+            raise refused or ValueError(
+                f"the loss filter refused the batch on {int(n_refused)} other rank(s)")
         keep = keep_cpu.to(x.device)
         losses = per_sample(task.loss(model(x[keep]), y[keep]))
-    count = kept_total(losses.shape[0])
     # DDP averages gradients over ranks; scaling by world size turns that into a global sum.
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     (losses.sum() * (world / count)).backward()
@@ -245,9 +255,6 @@ def fit(config: TrainConfig, reporter: Reporter | None = None,
     score_dtype = config.score_dtype(device)
     plan_fn = rt.plans or (lambda ep, n: local_plan(n, config.batch_size, config.seed, ep))
 
-    def kept_total(k: int) -> int:
-        return int(rt.all_reduce([float(k)])[0])
-
     result = RunResult(config=asdict(config))
     step, first_epoch = 0, 0
     if rt.resume is not None:
@@ -273,7 +280,7 @@ def fit(config: TrainConfig, reporter: Reporter | None = None,
         tick = time.perf_counter()
         for i, (ids, (x, y, *_)) in enumerate(bar, start=1):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            losses, kept = train_step(task, model, optimizer, x, y, filt, kept_total,
+            losses, kept = train_step(task, model, optimizer, x, y, filt, rt.all_reduce,
                                       score_dtype=score_dtype)
             step += 1
             if step < scheduler.total_steps:  # a plan longer than promised must not crash it

@@ -28,7 +28,7 @@ def model():
     return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
 
 
-def _rank(rank: int, port: int, q) -> None:
+def _rank(rank: int, port: int, q, poison: bool = False) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.set_num_threads(1)
@@ -36,32 +36,50 @@ def _rank(rank: int, port: int, q) -> None:
     task = Task(model=m, train=None, val=None)  # type: ignore[arg-type]
     opt = torch.optim.SGD(m.parameters(), lr=0.0)  # lr 0: we only want the gradient
 
-    def kept_total(k: int) -> int:
-        t = torch.tensor([k])
+    def all_reduce(values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64)
         dist.all_reduce(t)
-        return int(t)
+        return t.tolist()
 
     x, y = batches()
+    if poison and rank == 1:
+        x[1, 3] = float("nan")  # one NaN loss on rank 1 only
     filt = LossShareFilter(min_loss_perc=0.5 + 0.3 * rank)  # ranks keep different counts
-    _, mask = train_step(task, m, opt, x[rank], y[rank], filt, kept_total)
+    try:
+        _, mask = train_step(task, m, opt, x[rank], y[rank], filt, all_reduce)
+    except ValueError as e:
+        q.put((rank, "raised", str(e)))
+        dist.destroy_process_group()
+        return
     # numpy, not tensors: tensors travel as shared memory that dies with this process
     q.put((rank, mask.numpy(), [p.grad.numpy().copy() for p in m.parameters()]))
     dist.destroy_process_group()
 
 
-def test_ddp_step_weighs_ranks_by_their_kept_counts():
+def _run_ranks(poison: bool = False) -> dict:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = [ctx.Process(target=_rank, args=(r, port, q)) for r in (0, 1)]
+    procs = [ctx.Process(target=_rank, args=(r, port, q, poison)) for r in (0, 1)]
     for p in procs:
         p.start()
-    out = dict((r, (mask, grads)) for r, mask, grads in (q.get(timeout=120) for _ in procs))
+    out = {r: (a, b) for r, a, b in (q.get(timeout=120) for _ in procs)}
     for p in procs:
         p.join(60)
         assert p.exitcode == 0
+    return out
+
+
+def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step():
+    out = _run_ranks(poison=True)
+    assert out[0][0] == out[1][0] == "raised"  # neither waits for the other in a collective
+    assert "NaN or inf" in out[1][1] and "other rank" in out[0][1]
+
+
+def test_ddp_step_weighs_ranks_by_their_kept_counts():
+    out = _run_ranks()
     masks = [torch.from_numpy(out[0][0]), torch.from_numpy(out[1][0])]
     assert int(masks[0].sum()) != int(masks[1].sum())
 
