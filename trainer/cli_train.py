@@ -27,10 +27,10 @@ def print_summary(result: RunResult) -> None:
 
 
 def print_hardest(run: str, hardest: list[dict[str, Any]]) -> None:
+    from trainer.streaming import hardest_table
+
     print(f"\nhardest samples of run {run} (moving average of their loss):")
-    print(f"{'id':>8}{'ema':>10}{'last loss':>11}{'seen':>6}{'kept':>6}")
-    for s in hardest:
-        print(f"{s['id']:>8}{s['ema']:>10.4f}{s['last_loss']:>11.4f}{s['seen']:>6}{s['kept']:>6}")
+    print(hardest_table(hardest))
 
 
 @click.command("train")
@@ -54,7 +54,7 @@ def train_cmd(local: bool, out: str | None, **values: object) -> None:
     out_dir = Path(out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     hardest = None
     if local:
-        from trainer.streaming import loss_stream
+        from trainer.streaming import delivery_line, loss_stream
         from trainer.task import TaskArgs
 
         run = job.run or f"local-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -63,10 +63,7 @@ def train_cmd(local: bool, out: str | None, **values: object) -> None:
         with loss_stream(run, n, job.redis or None) as stream:
             result = fit(job.train_config(), reporter=stream.reporter)
             summary = stream.finish()
-        d = summary.delivery
-        print(f"loss store: {d.delivered_records:,} of {d.reported_records:,} records "
-              f"delivered, {summary.info.rejected} rejected"
-              + ("" if d.ok else f"; {d.pending_records:,} NOT delivered ({d.spill_path})"))
+        print(delivery_line(summary))
         hardest = (run, [{**h, "id": h["sample_id"]} for h in summary.hardest])
     else:
         from trainer.launch import launch

@@ -28,13 +28,7 @@ def plot_runs(runs: dict[str, RunResult], out: Path, stem: str = "curves") -> li
         else:
             best = max(run.final_accuracy for run in runs.values())
             ax.set_ylim(max(0.0, best - 0.1), min(1.0, best + 0.01))
-        ax.grid(alpha=0.3)
-        ax.legend()
-        path = out / f"{stem}_{key.removeprefix('val_')}.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, ax, out / f"{stem}_{key.removeprefix('val_')}.png"))
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, run in runs.items():
         ax.plot([e["epoch"] for e in run.epochs], [e["samp_perc"] for e in run.epochs],
@@ -42,10 +36,13 @@ def plot_runs(runs: dict[str, RunResult], out: Path, stem: str = "curves") -> li
     ax.set_xlabel("epoch")
     ax.set_ylabel("kept fraction of each batch")
     ax.set_ylim(0, 1.05)
+    return [*written, _save(fig, ax, out / f"{stem}_kept.png")]
+
+
+def _save(fig: plt.Figure, ax: plt.Axes, path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
-    path = out / f"{stem}_kept.png"
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return [*written, path]
+    return path

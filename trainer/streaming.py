@@ -87,16 +87,23 @@ def loss_stream(run: str, num_samples: int, redis_url: str | None = None, rank: 
                 stream.reporter.close(10.0)
 
 
+def delivery_line(summary: StreamSummary) -> str:
+    """What the reporter delivered to the store, in one line."""
+    d = summary.delivery
+    return (f"loss store: run {summary.run}: {d.delivered_records:,} of "
+            f"{d.reported_records:,} records delivered, {summary.info.rejected} rejected"
+            + ("" if d.ok else f", {d.pending_records:,} NOT delivered (left in {d.spill_path})"))
+
+
+def hardest_table(rows: list[dict[str, Any]]) -> str:
+    """Rows with id, ema, last_loss, seen and kept (the service's top-k records) as a table."""
+    lines = [f"{'id':>8}{'ema':>10}{'last loss':>11}{'seen':>6}{'kept':>6}"]
+    lines += [f"{h['id']:>8}{h['ema']:>10.4f}{h['last_loss']:>11.4f}{h['seen']:>6}{h['kept']:>6}"
+              for h in rows]
+    return "\n".join(lines)
+
+
 def format_hardest(summary: StreamSummary) -> str:
     """A small table of the hardest samples and the delivery counts."""
-    d = summary.delivery
-    lines = [
-        f"loss store: run {summary.run}: {d.delivered_records:,} of {d.reported_records:,} "
-        f"records delivered, {summary.info.rejected} rejected"
-        + ("" if d.ok else f", {d.pending_records:,} NOT delivered (left in {d.spill_path})"),
-        f"{'sample':>8}{'ema loss':>10}{'last loss':>11}{'seen':>6}{'kept':>6}",
-    ]
-    for h in summary.hardest:
-        lines.append(f"{h['sample_id']:>8}{h['ema']:>10.4f}{h['last_loss']:>11.4f}"
-                     f"{h['seen']:>6}{h['kept']:>6}")
-    return "\n".join(lines)
+    rows = [{**h, "id": h["sample_id"]} for h in summary.hardest]
+    return delivery_line(summary) + "\n" + hardest_table(rows)
