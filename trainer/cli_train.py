@@ -58,10 +58,10 @@ def train_cmd(local: bool, out: str | None, **values: object) -> None:
         from trainer.task import TaskArgs
 
         run = job.run or f"local-{time.strftime('%Y%m%d-%H%M%S')}"
-        n = load_task(job.task)(TaskArgs(job.num_samples, job.width, job.seed,
-                                         dict(job.task_args))).num_samples
-        with loss_stream(run, n, job.redis or None) as stream:
-            result = fit(job.train_config(), reporter=stream.reporter)
+        task = load_task(job.task)(TaskArgs(job.num_samples, job.width, job.seed,
+                                            dict(job.task_args)))
+        with loss_stream(run, task.num_samples, job.redis or None) as stream:
+            result = fit(job.train_config(), reporter=stream.reporter, task=task)
             summary = stream.finish()
         print(delivery_line(summary))
         hardest = (run, [{**h, "id": h["sample_id"]} for h in summary.hardest])

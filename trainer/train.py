@@ -223,13 +223,14 @@ def train_step(
 
 
 def fit(config: TrainConfig, reporter: Reporter | None = None,
-        runtime: Runtime | None = None) -> RunResult:
+        runtime: Runtime | None = None, task: Task | None = None) -> RunResult:
     """Trains `config.task` and returns per-epoch metrics.
 
     Args:
         config: the run.
         reporter: gets every scored example's loss, once per batch.
         runtime: rank, collectives, plans and checkpoints; one local process by default.
+        task: the task, if the caller already built it from `config` (else built here).
 
     Example:
         >>> r = fit(TrainConfig(num_samples=500, epochs=1, progress=False))  # doctest: +SKIP
@@ -239,8 +240,9 @@ def fit(config: TrainConfig, reporter: Reporter | None = None,
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     device = config.resolved_device()
-    task = load_task(config.task)(TaskArgs(config.num_samples, config.width, config.seed,
-                                           dict(config.task_args)))
+    if task is None:
+        task = load_task(config.task)(TaskArgs(config.num_samples, config.width, config.seed,
+                                               dict(config.task_args)))
     n = task.num_samples
     model = rt.wrap(task.model.to(device))
     model.train()
