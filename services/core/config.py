@@ -7,6 +7,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sampler.plans import PlanConfig
 
+_PLAN = PlanConfig()
+
 
 class Settings(BaseSettings):
     """Everything the sampler service reads at start.
@@ -49,14 +51,15 @@ class Settings(BaseSettings):
     )
     plan_cache_rounds: int = Field(default=16, ge=1, description="Composed rounds kept in memory.")
 
-    # Default plan config of a run (a run can override it through its plan-config endpoint).
-    plan_alpha: float = 1.0
-    plan_lam: float = 0.1
-    plan_eps: float = 1e-3
-    plan_beta: float = 0.0
-    plan_anneal_frac: float = 0.0
-    plan_total_rounds: int | None = None
-    plan_hardness: str = "ema"
+    # Default plan config of a run (a run can override it through its plan-config endpoint);
+    # the defaults are PlanConfig's own, so the two cannot drift apart.
+    plan_alpha: float = _PLAN.alpha
+    plan_lam: float = _PLAN.lam
+    plan_eps: float = _PLAN.eps
+    plan_beta: float = _PLAN.beta
+    plan_anneal_frac: float = _PLAN.anneal_frac
+    plan_total_rounds: int | None = _PLAN.total_rounds
+    plan_hardness: str = _PLAN.hardness
 
     @model_validator(mode="after")
     def _check_plan_defaults(self) -> Settings:
