@@ -13,10 +13,11 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from hardbatch.trainer.distributed import JobConfig
+from hardbatch.trainer.launch import _ray_init, launch
+from hardbatch.trainer.plots import plot_runs
+
 from benchmarks.filter import print_table, summarize
-from trainer.distributed import JobConfig
-from trainer.launch import _ray_init, launch
-from trainer.plots import plot_runs
 
 FULL = dict(num_samples=50_000, epochs=12, batch_size=256, width=128, evals_per_epoch=2)
 QUICK = dict(num_samples=4_000, epochs=2, batch_size=128, width=16, evals_per_epoch=1)

@@ -11,8 +11,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from trainer.plots import plot_runs
-from trainer.train import RunResult, TrainConfig, fit
+from hardbatch.trainer.plots import plot_runs
+from hardbatch.trainer.train import RunResult, TrainConfig, fit
 
 FULL = dict(num_samples=50_000, epochs=12, batch_size=256, width=128, evals_per_epoch=2)
 QUICK = dict(num_samples=4_000, epochs=3, batch_size=128, width=32, evals_per_epoch=1)

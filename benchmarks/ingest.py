@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from services.materializer import Materializer
-from services.redis_server import EmbeddedRedis
-from services.store import LossStore
+from hardbatch.services.materializer import Materializer
+from hardbatch.services.redis_server import EmbeddedRedis
+from hardbatch.services.store import LossStore
 
 FULL = dict(num_samples=10_000_000, epochs=2, batch_size=1024)
 QUICK = dict(num_samples=500_000, epochs=2, batch_size=1024)
@@ -30,7 +29,7 @@ BAR = 2_000_000
 
 def _producer(url: str, run: str, num_samples: int, epochs: int, batch_size: int,
               ready: Any, go: Any, out: Any) -> None:
-    from trainer.reporter import LossReporter
+    from hardbatch.trainer.reporter import LossReporter
 
     rng = np.random.default_rng(0)
     plans = [rng.permutation(num_samples) for _ in range(epochs)]

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-
-from sampler.records import pack
-from services.redis_server import EmbeddedRedis, free_port
-from services.store import LossStore
+from hardbatch.sampler.records import pack
+from hardbatch.services.redis_server import EmbeddedRedis, free_port
+from hardbatch.services.store import LossStore
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,7 +61,7 @@ def live_service(size: int, seen_fraction: float = 1.0, run: str = "bench",
                     # No table snapshots during the measurement: they are not what is measured.
                     "HARDBATCH_SNAPSHOT_INTERVAL_S": "3600"})
         proc = subprocess.Popen(
-            [sys.executable, "-c", "from trainer.cli import main; main()", "serve",
+            [sys.executable, "-c", "from hardbatch.cli import main; main()", "serve",
              "--log-level", "warning"], cwd=REPO, env=env,
         )
         url = f"http://127.0.0.1:{port}"

@@ -3,10 +3,11 @@
 Two measurements, each over many fresh rounds (every request composes a new round, nothing is
 served from a cache):
 
-- `compose`: `sampler.plans.compose_round` in-process, world size 1, importance weights on,
-  from a 10M-sample table (1M with --quick) where all but 5,000 samples were scored (so the
-  unseen-first path and the priority sampling both run). This is the bar's figure: `p50_ms`,
-  `p99_ms`. Also: the once-per-table-version priority build, and a round for 8 ranks at once.
+- `compose`: `hardbatch.sampler.plans.compose_round` in-process, world size 1, importance
+  weights on, from a 10M-sample table (1M with --quick) where all but 5,000 samples were scored
+  (so the unseen-first path and the priority sampling both run). This is the bar's figure:
+  `p50_ms`, `p99_ms`. Also: the once-per-table-version priority build, and a round for 8 ranks
+  at once.
 - `http`: the same through the running service (`POST /v1/runs/RUN/plans`, Arrow body, weights
   and last losses), from a real run of that size in Redis: compose + serialization + HTTP.
 """
@@ -19,9 +20,9 @@ from typing import Any
 
 import httpx
 import numpy as np
+from hardbatch.sampler.plans import PlanConfig, PrioritySnapshot, compose_round
 
 from benchmarks.live_service import live_service
-from sampler.plans import PlanConfig, PrioritySnapshot, compose_round
 
 FULL: dict[str, int] = {
     "table_size": 10_000_000, "rounds": 300, "http_rounds": 200, "http_table": 10_000_000,

@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from sampler.records import pack
-from services.materializer import Materializer
-from services.redis_server import EmbeddedRedis
-from services.store import LossStore
+from hardbatch.sampler.records import pack
+from hardbatch.services.materializer import Materializer
+from hardbatch.services.redis_server import EmbeddedRedis
+from hardbatch.services.store import LossStore
 
 FULL = dict(num_samples=10_000_000)
 QUICK = dict(num_samples=1_000_000)

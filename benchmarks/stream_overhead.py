@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from services.redis_server import EmbeddedRedis
-from trainer.reporter import LossReporter
-from trainer.train import TrainConfig, fit
+from hardbatch.services.redis_server import EmbeddedRedis
+from hardbatch.trainer.reporter import LossReporter
+from hardbatch.trainer.train import TrainConfig, fit
 
 # Many short pairs rather than a few long ones: on a shared machine other load comes in
 # bursts of seconds, and the median over many pairs shrugs off the pairs a burst hit.

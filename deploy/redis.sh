@@ -31,7 +31,7 @@ else
   protected=no
 fi
 server=${HARDBATCH_REDIS_SERVER:-$(python -c \
-  'from services.redis_server import find_redis_server; print(find_redis_server())')}
+  'from hardbatch.services.redis_server import find_redis_server; print(find_redis_server())')}
 mkdir -p "$data"
 hb_log "redis on $bind:$port, AOF in $data"
 # The config goes in on stdin so that a password never shows in the process list.

@@ -20,8 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
-from sampler.records import as_columns
+from hardbatch.sampler.records import as_columns
 
 FIELDS: tuple[str, ...] = ("last_loss", "ema", "seen", "kept", "last_step")
 FIELD_DTYPES: dict[str, np.dtype[Any]] = {

@@ -17,11 +17,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from sampler.hardness import FIELD_DTYPES, FIELDS, HardnessTable
-from sampler.records import RECORD_DTYPE
-from services.materializer import Materializer
-from services.store import LossStore
+from hardbatch.sampler.hardness import FIELD_DTYPES, FIELDS, HardnessTable
+from hardbatch.sampler.records import RECORD_DTYPE
+from hardbatch.services.materializer import Materializer
+from hardbatch.services.store import LossStore
 
 FORMAT = "hardbatch-export/1"
 _META_KEY = b"hardbatch"

@@ -18,10 +18,9 @@ from typing import Any
 
 import numpy as np
 import redis
-
-from sampler.plans import PlanConfig, PrioritySnapshot
-from services.materializer import Materializer
-from services.store import LossStore, StoreError, UnknownRunError, check_run_name
+from hardbatch.sampler.plans import PlanConfig, PrioritySnapshot
+from hardbatch.services.materializer import Materializer
+from hardbatch.services.store import LossStore, StoreError, UnknownRunError, check_run_name
 
 log = logging.getLogger(__name__)
 

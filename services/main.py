@@ -6,15 +6,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-
-from services.api.deps import ServiceState, spec_security_matches_settings
-from services.api.errors import BodySizeLimit, install_error_handlers
-from services.api.routes import health, plans, runs, samples
-from services.core.config import Settings
-from services.live_runs import LiveRuns
-from services.metrics import PlanLatency
-from services.plan_rounds import RoundStore
-from services.store import LossStore
+from hardbatch.services.api.deps import ServiceState, spec_security_matches_settings
+from hardbatch.services.api.errors import BodySizeLimit, install_error_handlers
+from hardbatch.services.api.routes import health, plans, runs, samples
+from hardbatch.services.core.config import Settings
+from hardbatch.services.live_runs import LiveRuns
+from hardbatch.services.metrics import PlanLatency
+from hardbatch.services.plan_rounds import RoundStore
+from hardbatch.services.store import LossStore
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -29,10 +29,9 @@ from typing import Any
 
 import numpy as np
 import redis
-
-from sampler.hardness import FIELDS, HardnessTable, split_valid
-from sampler.records import unpack_many
-from services.store import CONSUMER_FIELDS, LossStore, Snapshot, StoreError
+from hardbatch.sampler.hardness import FIELDS, HardnessTable, split_valid
+from hardbatch.sampler.records import unpack_many
+from hardbatch.services.store import CONSUMER_FIELDS, LossStore, Snapshot, StoreError
 
 log = logging.getLogger(__name__)
 

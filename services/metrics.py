@@ -11,8 +11,7 @@ import threading
 from collections import defaultdict
 
 import redis
-
-from services.live_runs import LiveRuns
+from hardbatch.services.live_runs import LiveRuns
 
 PLAN_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 

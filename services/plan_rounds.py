@@ -24,9 +24,8 @@ from collections import OrderedDict
 
 import numpy as np
 import redis
-
-from sampler.plans import RoundPlan, compose_round, validate_round_shape
-from services.live_runs import LiveRun
+from hardbatch.sampler.plans import RoundPlan, compose_round, validate_round_shape
+from hardbatch.services.live_runs import LiveRun
 
 
 class RoundConflictError(ValueError):

@@ -29,9 +29,8 @@ from typing import Any
 
 import numpy as np
 import redis
-
-from sampler.hardness import FIELD_DTYPES, FIELDS, MAX_SAMPLES, HardnessTable
-from sampler.records import RECORD_DTYPE, RECORD_SIZE, to_bytes
+from hardbatch.sampler.hardness import FIELD_DTYPES, FIELDS, MAX_SAMPLES, HardnessTable
+from hardbatch.sampler.records import RECORD_DTYPE, RECORD_SIZE, to_bytes
 
 RUNS_KEY = "hb:runs"
 CHUNK_SAMPLES = 1 << 20  # 4 MiB per field chunk: well under Redis's 512 MB string limit

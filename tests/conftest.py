@@ -11,8 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 import redis
-
-from services.redis_server import EmbeddedRedis
+from hardbatch.services.redis_server import EmbeddedRedis
 
 
 @pytest.fixture(scope="session")

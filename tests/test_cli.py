@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from trainer.cli import main
+from hardbatch.cli import main
 
 
 def all_commands():

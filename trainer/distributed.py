@@ -1,4 +1,4 @@
-"""The Ray Train worker: the training loop of `trainer.train` as one rank of a DDP job.
+"""The Ray Train worker: the training loop of `hardbatch.trainer.train` as one rank of a DDP job.
 
 Each worker gets its batches from the sampler service (`RoundPlans`), filters them locally,
 takes a DDP step normalized by the kept count over all ranks, streams its losses to the loss
@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from trainer.train import Runtime, TrainConfig, fit
+from hardbatch.trainer.train import Runtime, TrainConfig, fit
 
 log = logging.getLogger(__name__)
 STATE_FILE = "state.pt"
@@ -103,10 +102,9 @@ def worker_loop(cfg: dict[str, Any]) -> None:
     """Runs on every Ray Train worker."""
     import ray.train
     import ray.train.torch
-
-    from trainer.client import SamplerClient
-    from trainer.plan_source import RoundPlans
-    from trainer.reporter import LossReporter
+    from hardbatch.services.client import SamplerClient
+    from hardbatch.trainer.plan_source import RoundPlans
+    from hardbatch.trainer.reporter import LossReporter
 
     _quiet_logs()
     job = JobConfig(**cfg)

@@ -5,7 +5,7 @@ the sampler service in this process) and stops it all at the end; with `--addres
 `--service` and `--redis` it joins existing ones.
 
 Example:
-    >>> from trainer.distributed import JobConfig
+    >>> from hardbatch.trainer.distributed import JobConfig
     >>> result = launch(JobConfig(workers=2, epochs=2))  # doctest: +SKIP
 """
 
@@ -23,11 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from trainer.distributed import STATE_FILE, JobConfig, worker_loop
-from trainer.plan_source import batches_per_round
-from trainer.task import TaskArgs, load_task
-from trainer.train import RunResult
+from hardbatch.trainer.distributed import STATE_FILE, JobConfig, worker_loop
+from hardbatch.trainer.plan_source import batches_per_round
+from hardbatch.trainer.task import TaskArgs, load_task
+from hardbatch.trainer.train import RunResult
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +47,8 @@ def local_service(redis_url: str, host: str = "127.0.0.1", port: int = 0) -> Ite
     """Runs the sampler service under uvicorn in a thread of this process; yields its URL."""
     import httpx
     import uvicorn
-
-    from services.core.config import Settings
-    from services.main import create_app
+    from hardbatch.services.core.config import Settings
+    from hardbatch.services.main import create_app
 
     port = port or _free_port(host)
     settings = Settings(host=host, port=port, redis_url=redis_url, refresh_s=0.5)
@@ -114,12 +112,11 @@ def launch(job: JobConfig, top_k: int = 10) -> JobResult:
         top_k: how many of the hardest samples to fetch from the service at the end.
     """
     import ray
+    from hardbatch.services.client import SamplerClient, SamplerError
+    from hardbatch.services.redis_server import redis_url_or_embedded
+    from hardbatch.services.store import LossStore
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-
-    from services.redis_server import redis_url_or_embedded
-    from services.store import LossStore
-    from trainer.client import SamplerClient, SamplerError
 
     run = job.run or f"hb-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}"
     task = load_task(job.task)(TaskArgs(job.num_samples, job.width, job.seed,
@@ -188,9 +185,8 @@ def launch(job: JobConfig, top_k: int = 10) -> JobResult:
 def _fit_following(trainer: Any, service: str, run: str, total: int) -> Any:
     """Runs `trainer.fit()` with a progress bar of the examples the store has materialized:
     the bar follows the data flow itself, not a worker's stdout."""
+    from hardbatch.services.client import SamplerClient, SamplerError
     from tqdm.auto import tqdm
-
-    from trainer.client import SamplerClient, SamplerError
 
     box: dict[str, Any] = {}
 

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from hardbatch.trainer.task import Task, TaskArgs
 from torch import nn
 from torch.utils.data import TensorDataset
-
-from trainer.task import Task, TaskArgs
 
 VAL_SAMPLES = 10_000
 LENGTH = 40

@@ -16,8 +16,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
-
-from trainer.client import Plan, SamplerClient, SamplerError
+from hardbatch.services.client import Plan, SamplerClient, SamplerError
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
-
-from trainer.train import RunResult  # noqa: E402
+from hardbatch.trainer.train import RunResult  # noqa: E402
 
 
 def plot_runs(runs: dict[str, RunResult], out: Path, stem: str = "curves") -> list[Path]:

@@ -37,17 +37,16 @@ from typing import Any
 
 import numpy as np
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
-
-from sampler.records import (
+from hardbatch.sampler.records import (
     RECORD_DTYPE,
     RECORD_SIZE,
     as_columns,
     check_scalars,
     pack_dropping_bad_ids,
 )
-from services.store import LossStore, StoreError, UnknownRunError, check_run_name
+from hardbatch.services.store import LossStore, StoreError, UnknownRunError, check_run_name
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 log = logging.getLogger(__name__)
 

@@ -17,10 +17,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from services.materializer import Materializer
-from services.redis_server import redis_url_or_embedded
-from services.store import LossStore, RunInfo
-from trainer.reporter import DeliveryReport, LossReporter
+from hardbatch.services.materializer import Materializer
+from hardbatch.services.redis_server import redis_url_or_embedded
+from hardbatch.services.store import LossStore, RunInfo
+from hardbatch.trainer.reporter import DeliveryReport, LossReporter
 
 
 @dataclass(frozen=True)

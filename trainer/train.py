@@ -15,12 +15,11 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+from hardbatch.sampler.filter import LossShareFilter, per_sample
+from hardbatch.trainer.task import Task, TaskArgs, iter_batches, load_task
 from tqdm.auto import tqdm
 
-from sampler.filter import LossShareFilter, per_sample
-from trainer.task import Task, TaskArgs, iter_batches, load_task
-
-BUILTIN_TASK = "trainer.mnist1d_task:make"
+BUILTIN_TASK = "hardbatch.trainer.mnist1d_task:make"
 
 
 class Reporter(Protocol):
@@ -129,7 +128,7 @@ def local_plan(num_samples: int, batch_size: int, seed: int, epoch: int) -> list
 @dataclass
 class Runtime:
     """How the loop meets the world around it. The defaults are one process on one device;
-    `trainer.distributed` fills them in for a Ray Train worker.
+    `hardbatch.trainer.distributed` fills them in for a Ray Train worker.
 
     Attributes:
         rank: this process's data-parallel rank.

@@ -8,12 +8,11 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-
-from services.core.config import Settings
-from services.live_runs import LiveRun, LiveRuns, RunNotReadyError
-from services.metrics import PlanLatency
-from services.plan_rounds import RoundStore
-from services.store import LossStore, StoreError, UnknownRunError
+from hardbatch.services.core.config import Settings
+from hardbatch.services.live_runs import LiveRun, LiveRuns, RunNotReadyError
+from hardbatch.services.metrics import PlanLatency
+from hardbatch.services.plan_rounds import RoundStore
+from hardbatch.services.store import LossStore, StoreError, UnknownRunError
 
 
 @dataclass

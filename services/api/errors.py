@@ -9,11 +9,10 @@ import redis
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse, Response
+from hardbatch.services.live_runs import RunNotReadyError
+from hardbatch.services.store import StoreError, UnknownRunError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from services.live_runs import RunNotReadyError
-from services.store import StoreError, UnknownRunError
 
 
 def install_error_handlers(app: FastAPI) -> None:

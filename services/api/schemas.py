@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+from hardbatch.sampler.plans import PlanConfig
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
-
-from sampler.plans import PlanConfig
 
 # Request bodies: no coercion (false is not 0.0) and no unknown fields, so typos fail loudly.
 STRICT = ConfigDict(strict=True, extra="forbid")

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+from hardbatch.sampler.plans import PlanConfig
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-
-from sampler.plans import PlanConfig
 
 _PLAN = PlanConfig()
 

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from benchmarks import BENCHMARKS
-from trainer.cli import main
+from hardbatch.cli import main
 
 
 @pytest.mark.parametrize(

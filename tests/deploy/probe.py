@@ -21,8 +21,7 @@ import time
 
 import httpx
 import numpy as np
-
-from services.store import LossStore
+from hardbatch.services.store import LossStore
 
 
 def main() -> None:

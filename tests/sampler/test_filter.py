@@ -7,10 +7,9 @@ from fractions import Fraction
 
 import pytest
 import torch
+from hardbatch.sampler.filter import LossShareFilter, select
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from sampler.filter import LossShareFilter, select
 
 
 def kept(losses, **kw):

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hardbatch.sampler.hardness import BYTES_PER_SAMPLE, HardnessTable, Rejections, split_valid
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from sampler.hardness import BYTES_PER_SAMPLE, HardnessTable, Rejections, split_valid
 
 
 def apply_one_by_one(table: HardnessTable, ids, losses, kept, steps) -> None:

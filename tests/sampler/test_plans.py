@@ -6,8 +6,12 @@ import itertools
 
 import numpy as np
 import pytest
-
-from sampler.plans import PlanConfig, PrioritySnapshot, compose_round, validate_round_shape
+from hardbatch.sampler.plans import (
+    PlanConfig,
+    PrioritySnapshot,
+    compose_round,
+    validate_round_shape,
+)
 
 
 def _snapshot(h, seen=None, **cfg):
@@ -209,7 +213,7 @@ def test_bad_round_raises():
 
 @pytest.mark.parametrize("n", [1, 7, 128, 129, 1000, 40_001])
 def test_block_search_equals_a_plain_binary_search(n):
-    from sampler.plans import _search
+    from hardbatch.sampler.plans import _search
 
     rng = np.random.default_rng(n)
     h = rng.exponential(size=n)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from sampler.records import (
+from hardbatch.sampler.records import (
     RECORD_DTYPE,
     RECORD_SIZE,
     as_columns,

@@ -19,11 +19,10 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-
-from sampler.hardness import HardnessTable
-from sampler.records import pack
-from services.redis_server import free_port
-from services.store import LossStore
+from hardbatch.sampler.hardness import HardnessTable
+from hardbatch.sampler.records import pack
+from hardbatch.services.redis_server import free_port
+from hardbatch.services.store import LossStore
 
 REPO = Path(__file__).resolve().parents[2]
 TOKEN = "test-token-123"
@@ -85,7 +84,7 @@ def start_service(redis_url: str, token: str | None = TOKEN, **settings: str) ->
         env["HARDBATCH_API_TOKEN"] = token
     env.update({f"HARDBATCH_{k.upper()}": v for k, v in settings.items()})
     proc = subprocess.Popen(
-        [sys.executable, "-c", "from trainer.cli import main; main()", "serve",
+        [sys.executable, "-c", "from hardbatch.cli import main; main()", "serve",
          "--log-level", "warning"],
         cwd=REPO, env=env,
     )

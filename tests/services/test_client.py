@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from hardbatch.services.client import SamplerClient, SamplerError
+from hardbatch.services.redis_server import free_port
 
-from services.redis_server import free_port
-from trainer.cli import main
-from trainer.client import SamplerClient, SamplerError
+from hardbatch.cli import main
 
 
 @pytest.fixture

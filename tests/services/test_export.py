@@ -10,12 +10,12 @@ import pyarrow.parquet as pq
 import pytest
 import redis
 from click.testing import CliRunner
+from hardbatch.sampler.records import pack
+from hardbatch.services.export import log_path_for, read_export
+from hardbatch.services.materializer import Materializer
+from hardbatch.services.store import LossStore
 
-from sampler.records import pack
-from services.export import log_path_for, read_export
-from services.materializer import Materializer
-from services.store import LossStore
-from trainer.cli import main
+from hardbatch.cli import main
 
 
 def fill(store: LossStore, run: str, size: int, batches: int, retain_log: bool,

@@ -10,8 +10,12 @@ from pathlib import Path
 
 import pytest
 import redis
-
-from services.redis_server import ENV_URL, EmbeddedRedis, find_redis_server, redis_url_or_embedded
+from hardbatch.services.redis_server import (
+    ENV_URL,
+    EmbeddedRedis,
+    find_redis_server,
+    redis_url_or_embedded,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -90,7 +94,7 @@ def test_url_or_embedded_prefers_explicit_then_env(monkeypatch: pytest.MonkeyPat
 def test_embedded_server_stops_when_the_interpreter_exits() -> None:
     # No context manager: the atexit hook must stop it.
     code = textwrap.dedent("""
-        from services.redis_server import EmbeddedRedis
+        from hardbatch.services.redis_server import EmbeddedRedis
         s = EmbeddedRedis().start()
         print(s.process.pid, s.directory, flush=True)
     """)

@@ -6,9 +6,8 @@ import httpx
 import numpy as np
 import pyarrow as pa
 import pytest
-
-from sampler.plans import PlanConfig, PrioritySnapshot, compose_round
-from services.live_runs import run_seed
+from hardbatch.sampler.plans import PlanConfig, PrioritySnapshot, compose_round
+from hardbatch.services.live_runs import run_seed
 
 ARROW = "application/vnd.apache.arrow.stream"
 

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import httpx
 import schemathesis
+from hardbatch.services.core.config import Settings
+from hardbatch.services.main import create_app
+from hardbatch.services.store import RUN_NAME
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import positive_data_acceptance
-
-from services.core.config import Settings
-from services.main import create_app
-from services.store import RUN_NAME
 
 # Same shape of settings as the `service` fixture: a token set, reads open.
 SPEC = create_app(Settings(redis_url="redis://127.0.0.1:1/0", api_token="set")).openapi()

@@ -13,11 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
-
-from sampler.hardness import HardnessTable, split_valid
-from sampler.records import RECORD_SIZE, pack, to_bytes
-from services.materializer import Materializer
-from services.store import (
+from hardbatch.sampler.hardness import HardnessTable, split_valid
+from hardbatch.sampler.records import RECORD_SIZE, pack, to_bytes
+from hardbatch.services.materializer import Materializer
+from hardbatch.services.store import (
     CHUNK_SAMPLES,
     LossStore,
     RunSizeMismatchError,
@@ -295,8 +294,8 @@ def test_redis_memory_per_sample_of_snapshot(store: LossStore) -> None:
 
 CONSUMER = textwrap.dedent("""
     import sys, time
-    from services.store import LossStore
-    from services.materializer import Materializer
+    from hardbatch.services.store import LossStore
+    from hardbatch.services.materializer import Materializer
     store = LossStore.from_url(sys.argv[1])
     m = Materializer(store, sys.argv[2], read_count=3)
     n = 0

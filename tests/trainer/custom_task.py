@@ -5,10 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from hardbatch.trainer.task import Task, TaskArgs
 from torch import nn
 from torch.utils.data import Dataset
-
-from trainer.task import Task, TaskArgs
 
 
 @dataclass

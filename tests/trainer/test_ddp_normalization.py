@@ -9,11 +9,10 @@ import socket
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from hardbatch.sampler.filter import LossShareFilter
+from hardbatch.trainer.task import Task, cross_entropy
+from hardbatch.trainer.train import train_step
 from torch import nn
-
-from sampler.filter import LossShareFilter
-from trainer.task import Task, cross_entropy
-from trainer.train import train_step
 
 
 def batches():

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-
-from trainer.distributed import JobConfig
-from trainer.launch import JobResult, _ray_init, launch
+from hardbatch.trainer.distributed import JobConfig
+from hardbatch.trainer.launch import JobResult, _ray_init, launch
 
 pytestmark = pytest.mark.slow
 

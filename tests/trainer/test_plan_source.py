@@ -6,11 +6,10 @@ import socket
 
 import pytest
 import torch
-
-from services.store import LossStore
-from trainer.client import SamplerClient, SamplerError
-from trainer.launch import local_service
-from trainer.plan_source import RoundPlans, batches_per_round, shard_plan
+from hardbatch.services.client import SamplerClient, SamplerError
+from hardbatch.services.store import LossStore
+from hardbatch.trainer.launch import local_service
+from hardbatch.trainer.plan_source import RoundPlans, batches_per_round, shard_plan
 
 
 def test_batches_per_round_is_equal_for_every_rank_and_at_least_one():

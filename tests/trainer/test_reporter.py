@@ -13,14 +13,13 @@ import numpy as np
 import pytest
 import redis
 import torch
-
-from sampler.hardness import HardnessTable, split_valid
-from sampler.records import pack
-from services.materializer import Materializer
-from services.redis_server import EmbeddedRedis
-from services.store import LossStore
-from trainer.reporter import LossReporter, ReporterError, read_spill
-from trainer.train import TrainConfig, fit
+from hardbatch.sampler.hardness import HardnessTable, split_valid
+from hardbatch.sampler.records import pack
+from hardbatch.services.materializer import Materializer
+from hardbatch.services.redis_server import EmbeddedRedis
+from hardbatch.services.store import LossStore
+from hardbatch.trainer.reporter import LossReporter, ReporterError, read_spill
+from hardbatch.trainer.train import TrainConfig, fit
 
 
 class Recording:
@@ -292,7 +291,7 @@ def test_bad_arguments(redis_url: str, kwargs) -> None:
 
 def test_loss_stream_demo_with_embedded_redis(monkeypatch: pytest.MonkeyPatch,
                                               tmp_path: Path) -> None:
-    from trainer.streaming import format_hardest, loss_stream
+    from hardbatch.trainer.streaming import format_hardest, loss_stream
 
     monkeypatch.delenv("HARDBATCH_REDIS_URL", raising=False)
     config = TrainConfig(num_samples=1000, epochs=1, batch_size=100, width=8, progress=False,

@@ -4,8 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
-from trainer.task import TaskArgs, load_task, logits_of
+from hardbatch.trainer.task import TaskArgs, load_task, logits_of
 
 
 def test_logits_of_understands_common_model_outputs():
@@ -18,8 +17,9 @@ def test_logits_of_understands_common_model_outputs():
         logits_of({"scores": t})
 
 
-@pytest.mark.parametrize("path", ["nocolon", "no.such.module:make", "trainer.task:nothing",
-                                  ":make", "trainer.task:"])
+@pytest.mark.parametrize("path", ["nocolon", "no.such.module:make",
+                                  "hardbatch.trainer.task:nothing", ":make",
+                                  "hardbatch.trainer.task:"])
 def test_load_task_rejects_bad_paths_clearly(path):
     with pytest.raises(ValueError):
         load_task(path)
@@ -27,7 +27,7 @@ def test_load_task_rejects_bad_paths_clearly(path):
 
 def test_builtin_task_is_generated_offline_and_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("HARDBATCH_CACHE", str(tmp_path))
-    make = load_task("trainer.mnist1d_task:make")
+    make = load_task("hardbatch.trainer.mnist1d_task:make")
     task = make(TaskArgs(num_samples=600, width=8, seed=3))
     assert task.num_samples == 600 and len(task.val) == 120
     x, y = task.train[0]

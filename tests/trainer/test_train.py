@@ -4,8 +4,7 @@ import dataclasses
 
 import pytest
 import torch
-
-from trainer.train import TrainConfig, fit, local_plan
+from hardbatch.trainer.train import TrainConfig, fit, local_plan
 
 SMALL = TrainConfig(num_samples=1200, epochs=2, batch_size=100, width=16, progress=False,
                     threads=1)

@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import Path
-
-from services.api.schemas import ErrorBody
-from services.store import RUN_NAME
+from hardbatch.services.api.schemas import ErrorBody
+from hardbatch.services.store import RUN_NAME
 
 RunName = Annotated[
     str, Path(description="Run id: 1-128 letters, digits, '_', '.', '-'.", pattern=RUN_NAME.pattern)

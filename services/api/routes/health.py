@@ -5,10 +5,9 @@ from __future__ import annotations
 import redis
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, PlainTextResponse
-
-from services.api.deps import State, require_read
-from services.api.schemas import ErrorBody, Health, Readiness
-from services.metrics import render_metrics
+from hardbatch.services.api.deps import State, require_read
+from hardbatch.services.api.schemas import ErrorBody, Health, Readiness
+from hardbatch.services.metrics import render_metrics
 
 router = APIRouter(tags=["health"])
 

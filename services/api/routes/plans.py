@@ -9,11 +9,10 @@ from typing import Annotated
 import numpy as np
 import pyarrow as pa
 from fastapi import APIRouter, Depends, Header, HTTPException, Response
-
-from services.api.deps import WRITE, State, live_run, require_write
-from services.api.routes.common import RunName, errors
-from services.api.schemas import Plan, PlanRequest
-from services.plan_rounds import RoundConflictError
+from hardbatch.services.api.deps import WRITE, State, live_run, require_write
+from hardbatch.services.api.routes.common import RunName, errors
+from hardbatch.services.api.schemas import Plan, PlanRequest
+from hardbatch.services.plan_rounds import RoundConflictError
 
 router = APIRouter(prefix="/v1/runs", tags=["plans"])
 

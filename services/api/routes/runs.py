@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, HTTPException
-
-from services.api.deps import WRITE, State, live_run, require_read, require_write
-from services.api.routes.common import RunName, errors
-from services.api.schemas import PlanConfigModel, RunDetail, RunList, RunSummary
-from services.live_runs import RunNotReadyError
-from services.store import UnknownRunError
+from hardbatch.services.api.deps import WRITE, State, live_run, require_read, require_write
+from hardbatch.services.api.routes.common import RunName, errors
+from hardbatch.services.api.schemas import PlanConfigModel, RunDetail, RunList, RunSummary
+from hardbatch.services.live_runs import RunNotReadyError
+from hardbatch.services.store import UnknownRunError
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"])
 

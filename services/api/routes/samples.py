@@ -6,11 +6,10 @@ from typing import Annotated, Literal
 
 import numpy as np
 from fastapi import APIRouter, Depends, HTTPException, Path, Query
-
-from sampler.hardness import HardnessTable
-from services.api.deps import State, live_run, require_read
-from services.api.routes.common import RunName, errors
-from services.api.schemas import (
+from hardbatch.sampler.hardness import HardnessTable
+from hardbatch.services.api.deps import State, live_run, require_read
+from hardbatch.services.api.routes.common import RunName, errors
+from hardbatch.services.api.schemas import (
     HardnessField,
     Histogram,
     LookupRequest,

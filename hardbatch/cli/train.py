@@ -11,10 +11,10 @@ from typing import Any
 
 import click
 
-from trainer.cli_options import build, options_from
-from trainer.distributed import JobConfig
-from trainer.task import load_task
-from trainer.train import RunResult, fit
+from hardbatch.cli.options import build, options_from
+from hardbatch.trainer.distributed import JobConfig
+from hardbatch.trainer.task import load_task
+from hardbatch.trainer.train import RunResult, fit
 
 
 def print_summary(result: RunResult) -> None:
@@ -27,7 +27,7 @@ def print_summary(result: RunResult) -> None:
 
 
 def print_hardest(run: str, hardest: list[dict[str, Any]]) -> None:
-    from trainer.streaming import hardest_table
+    from hardbatch.trainer.streaming import hardest_table
 
     print(f"\nhardest samples of run {run} (moving average of their loss):")
     print(hardest_table(hardest))
@@ -54,8 +54,8 @@ def train_cmd(local: bool, out: str | None, **values: object) -> None:
     out_dir = Path(out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     hardest = None
     if local:
-        from trainer.streaming import delivery_line, loss_stream
-        from trainer.task import TaskArgs
+        from hardbatch.trainer.streaming import delivery_line, loss_stream
+        from hardbatch.trainer.task import TaskArgs
 
         run = job.run or f"local-{time.strftime('%Y%m%d-%H%M%S')}"
         task = load_task(job.task)(TaskArgs(job.num_samples, job.width, job.seed,
@@ -66,7 +66,7 @@ def train_cmd(local: bool, out: str | None, **values: object) -> None:
         print(delivery_line(summary))
         hardest = (run, [{**h, "id": h["sample_id"]} for h in summary.hardest])
     else:
-        from trainer.launch import launch
+        from hardbatch.trainer.launch import launch
 
         logging.basicConfig(level=logging.WARNING)
         done = launch(job)
@@ -76,7 +76,7 @@ def train_cmd(local: bool, out: str | None, **values: object) -> None:
         print_hardest(*hardest)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-    from trainer.plots import plot_runs  # matplotlib is slow to import; only needed here
+    from hardbatch.trainer.plots import plot_runs  # matplotlib is slow to import; only needed here
 
     plots = plot_runs({"filtered" if job.filter else "plain": result}, out_dir, stem="train")
     print(f"\nfinal accuracy {100 * result.final_accuracy:.2f}%, "

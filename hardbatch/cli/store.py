@@ -6,8 +6,8 @@ import json
 
 import click
 
-from services.redis_server import ENV_URL
-from services.store import LossStore
+from hardbatch.services.redis_server import ENV_URL
+from hardbatch.services.store import LossStore
 
 _URL_HELP = f"Redis of the loss store (default: ${ENV_URL})."
 
@@ -34,10 +34,10 @@ def _store(redis_url: str | None) -> LossStore:
 def export_cmd(run: str, out: str, with_log: bool, redis_url: str | None, timeout: float) -> None:
     """Write RUN's hardness table (and optionally its loss log) to Parquet.
 
-    Read it back with `services.export.read_export(OUT)`.
+    Read it back with `hardbatch.services.export.read_export(OUT)`.
     """
-    from services.export import export_run
-    from services.store import StoreError
+    from hardbatch.services.export import export_run
+    from hardbatch.services.store import StoreError
 
     store = _store(redis_url)
     try:
@@ -56,7 +56,7 @@ def export_cmd(run: str, out: str, with_log: bool, redis_url: str | None, timeou
 @click.option("--redis-url", envvar=ENV_URL, help=_URL_HELP)
 def runs_cmd(run: str | None, redis_url: str | None) -> None:
     """List the loss store's runs, or show RUN's counters as JSON."""
-    from services.store import StoreError
+    from hardbatch.services.store import StoreError
 
     store = _store(redis_url)
     if run is None:

@@ -38,9 +38,9 @@ def serve_cmd(host: str | None, port: int | None, redis_url: str | None,
     """
     import uvicorn
 
-    from services.core.config import Settings
-    from services.main import create_app
-    from services.redis_server import redis_url_or_embedded
+    from hardbatch.services.core.config import Settings
+    from hardbatch.services.main import create_app
+    from hardbatch.services.redis_server import redis_url_or_embedded
 
     given = {"host": host, "port": port, "redis_url": redis_url, "auth_reads": auth_reads}
     overrides: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
@@ -63,7 +63,7 @@ def serve_cmd(host: str | None, port: int | None, redis_url: str | None,
 @_token_option
 def hardness_cmd(run: str, sample_id: int, service: str, token: str | None) -> None:
     """Print the hardness record of sample SAMPLE_ID in RUN."""
-    from trainer.client import SamplerClient, SamplerError
+    from hardbatch.services.client import SamplerClient, SamplerError
 
     with SamplerClient(service, token=token) as client:
         try:
@@ -84,7 +84,7 @@ def hardness_cmd(run: str, sample_id: int, service: str, token: str | None) -> N
 @_token_option
 def top_cmd(run: str, k: int, easiest: bool, by: str, service: str, token: str | None) -> None:
     """Print the K hardest (or easiest) samples of RUN scored so far."""
-    from trainer.client import SamplerClient, SamplerError
+    from hardbatch.services.client import SamplerClient, SamplerError
 
     with SamplerClient(service, token=token) as client:
         try:
