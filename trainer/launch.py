@@ -168,7 +168,7 @@ def launch(job: JobConfig, top_k: int = 10) -> JobResult:
             raise RuntimeError(f"run {run} failed: {result.error}") from result.error
         assert result.checkpoint is not None, "a finished run always has a checkpoint"
         with result.checkpoint.as_directory() as d:
-            state: dict[str, Any] = torch.load(Path(d) / STATE_FILE, weights_only=False)
+            state: dict[str, Any] = torch.load(Path(d) / STATE_FILE, weights_only=True)
         out = RunResult(**state["result"])
         out.config.update(run=run, workers=job.workers, service=service)
         hardest: list[dict[str, Any]] = []

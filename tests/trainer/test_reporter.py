@@ -18,7 +18,8 @@ from hardbatch.sampler.records import pack
 from hardbatch.services.materializer import Materializer
 from hardbatch.services.redis_server import EmbeddedRedis
 from hardbatch.services.store import LossStore
-from hardbatch.trainer.reporter import LossReporter, ReporterError, read_spill
+from hardbatch.trainer.reporter import LossReporter, ReporterError
+from hardbatch.trainer.spill import read_spill
 from hardbatch.trainer.train import TrainConfig, fit
 
 
@@ -92,7 +93,7 @@ def test_delivers_everything_once(redis_client: redis.Redis, redis_url: str,
     assert m.table.equals(reference_table(rec.batches, 1000))
     info = LossStore(redis_client).run_info("r")
     assert info.records == 50 * 64 and list(info.ranks) == [2]
-    assert not list(spill_dir.iterdir())
+    assert not list(spill_dir.rglob("*.spill"))
 
 
 def test_report_never_waits_for_a_slow_or_dead_redis(spill_dir: Path) -> None:
@@ -125,9 +126,9 @@ def test_buffers_and_spills_until_redis_appears_then_delivers_once(
         rec.report(*random_batch(rng, 500, 100), step, 0)
     # The sender thread spills, within one retry interval (never the training thread).
     deadline = time.monotonic() + 5
-    while not list(spill_dir.iterdir()) and time.monotonic() < deadline:
+    while not list(spill_dir.rglob("*.spill")) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert list(spill_dir.iterdir()), "past the bound the records go to disk"
+    assert list(spill_dir.rglob("*.spill")), "past the bound the records go to disk"
     restartable.start()
     for step in range(60, 80):
         rec.report(*random_batch(rng, 500, 100), step, 1)
@@ -135,7 +136,7 @@ def test_buffers_and_spills_until_redis_appears_then_delivers_once(
     assert report.ok, report
     assert report.delivered_records == 80 * 100 and report.spilled_records > 0
     assert materialize(restartable.url, "r").table.equals(reference_table(rec.batches, 500))
-    assert not list(spill_dir.iterdir())
+    assert not list(spill_dir.rglob("*.spill"))
 
 
 def test_redis_killed_and_restarted_mid_stream(restartable: EmbeddedRedis,
@@ -226,7 +227,7 @@ def test_left_over_spill_is_sent_by_the_next_reporter_without_duplicates(
     assert report.delivered_records == 500 + 250
     assert materialize(redis_url, "r").table.equals(reference_table(rec.batches, 300))
     assert store.run_info("r").records == 750
-    assert not list(spill_dir.iterdir())
+    assert not list(spill_dir.rglob("*.spill"))
 
 
 def test_bad_input_is_refused_in_the_caller(redis_url: str, redis_client: redis.Redis,
