@@ -31,6 +31,20 @@ from typing import Any
 import redis
 
 ENV_URL = "HARDBATCH_REDIS_URL"
+ENV_PASSWORD = "HARDBATCH_REDIS_PASSWORD"
+
+
+def with_password(url: str) -> str:
+    """`url` with $HARDBATCH_REDIS_PASSWORD filled in, when it is set and the URL names none.
+
+    The deploy files keep the password in the env file `deploy/make-env.sh` writes, apart from
+    the URLs, so no URL in a manifest or a process list carries it.
+    """
+    password = os.environ.get(ENV_PASSWORD)
+    scheme, sep, rest = url.partition("://")
+    if not password or not sep or scheme not in ("redis", "rediss") or "@" in rest:
+        return url
+    return f"{scheme}://:{password}@{rest}"
 
 _live: weakref.WeakSet[EmbeddedRedis] = weakref.WeakSet()
 
@@ -273,7 +287,7 @@ def redis_url_or_embedded(url: str | None = None, **embedded: Any) -> Iterator[s
     """
     url = url or os.environ.get(ENV_URL) or None
     if url:
-        yield url
+        yield with_password(url)
         return
     with EmbeddedRedis(**embedded) as server:
         yield server.url

@@ -43,6 +43,15 @@ class RunSizeMismatchError(StoreError):
     """A run was registered again with a different dataset size or decay."""
 
 
+class LostBatchesError(StoreError):
+    """The store is behind what it acknowledged to a sender (Redis restarted from an older
+    append-only file): `last` is the last seq it holds from the rank (-1: none)."""
+
+    def __init__(self, message: str, last: int) -> None:
+        super().__init__(message)
+        self.last = last
+
+
 def check_run_name(run: str) -> str:
     if not isinstance(run, str) or not RUN_NAME.match(run):
         raise StoreError(
@@ -70,8 +79,11 @@ redis.call('SADD', KEYS[2], ARGV[1])
 return 1
 """
 
-# KEYS: meta, seq, log. ARGV: rank, seq, payload, record_size.
+# KEYS: meta, seq, log. ARGV: rank, seq, payload, record_size, after.
 # Returns 1 (appended) or 0 (duplicate: this rank already delivered seq or a later one).
+# `after` (or ''): the last seq the sender knows the store acknowledged; a store whose last seq
+# for the rank is behind it lost batches (Redis restarted from an older file) and refuses the
+# new one with LOST <its last seq>, so the sender can send the lost ones first, in order.
 _INGEST = """
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return redis.error_reply('UNKNOWN_RUN')
@@ -87,6 +99,9 @@ local last = redis.call('HGET', KEYS[2], ARGV[1])
 if last and tonumber(last) >= seq then
   redis.call('HINCRBY', KEYS[1], 'duplicate_batches', 1)
   return 0
+end
+if ARGV[5] ~= '' and (not last or tonumber(last) < tonumber(ARGV[5])) then
+  return redis.error_reply('LOST ' .. (last or '-1'))
 end
 local i = redis.call('HINCRBY', KEYS[1], 'entries', 1)
 redis.call('XADD', KEYS[3], '*', 'r', ARGV[1], 's', ARGV[2], 'i', i, 'd', ARGV[3])
@@ -245,8 +260,11 @@ class LossStore:
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> LossStore:
-        """A store on a new client for `url` (redis://, rediss:// or unix://)."""
-        return cls(redis.Redis.from_url(url, decode_responses=False, **kwargs))
+        """A store on a new client for `url` (redis://, rediss:// or unix://); the password
+        comes from $HARDBATCH_REDIS_PASSWORD when the URL has none."""
+        from hardbatch.services.redis_server import with_password
+
+        return cls(redis.Redis.from_url(with_password(url), decode_responses=False, **kwargs))
 
     # -- runs ------------------------------------------------------------------------------
 
@@ -350,11 +368,16 @@ class LossStore:
         v = self.client.hget(keys.seq(check_run_name(run)), str(int(rank)))
         return None if v is None else int(_s(v))
 
-    def ingest(self, run: str, rank: int, seq: int, payload: bytes) -> bool:
+    def ingest(self, run: str, rank: int, seq: int, payload: bytes,
+               after: int | None = None) -> bool:
         """Appends one packed batch unless `(run, rank, seq)` was already delivered.
 
         A rank must deliver its batches in increasing `seq` order: a batch whose seq is not
         greater than the last accepted one is treated as a duplicate.
+
+        Args:
+            after: the last seq the store acknowledged to this sender, if it wants to know
+                when the store lost batches since (LostBatchesError instead of appending).
 
         Returns:
             True if appended, False if it was a duplicate (already applied: not an error).
@@ -372,10 +395,17 @@ class LossStore:
         try:
             appended = self._ingest(
                 keys=[keys.meta(run), keys.seq(run), keys.log(run)],
-                args=[int(rank), int(seq), payload, RECORD_SIZE],
+                args=[int(rank), int(seq), payload, RECORD_SIZE,
+                      "" if after is None else int(after)],
             )
         except redis.ResponseError as e:
             msg = str(e)
+            if msg.startswith("LOST "):
+                last = int(msg.split()[1])
+                raise LostBatchesError(
+                    f"run {run!r} rank {rank}: the store holds batches up to seq {last}, not "
+                    f"{after} as it acknowledged (Redis restarted from an older file?)",
+                    last) from None
             if "UNKNOWN_RUN" in msg:
                 raise UnknownRunError(f"unknown run {run!r}: register it first") from None
             if "MALFORMED" in msg:

@@ -24,8 +24,9 @@ follow the previous incarnation's (the store ignores a seq that is not above the
 
 A Redis that restarts from its append-only file may have lost the last second of writes,
 batches it had acknowledged included. The reporter keeps the batches delivered in the last
-`replay_window_s` seconds; after any connection error it asks the store for the last seq it
-holds from this rank and sends the newer of those batches again, before anything else.
+`replay_window_s` seconds and sends each batch with the last seq the store acknowledged; a
+store that holds less refuses it (`LostBatchesError`), and the reporter sends the lost batches
+again, in order, before it.
 """
 
 from __future__ import annotations
@@ -47,7 +48,14 @@ from hardbatch.sampler.records import (
     check_scalars,
     pack_dropping_bad_ids,
 )
-from hardbatch.services.store import LossStore, StoreError, UnknownRunError, check_run_name
+from hardbatch.services.redis_server import with_password
+from hardbatch.services.store import (
+    LossStore,
+    LostBatchesError,
+    StoreError,
+    UnknownRunError,
+    check_run_name,
+)
 from hardbatch.trainer.spill import (
     SpillError,
     SpillFile,
@@ -188,7 +196,7 @@ class LossReporter:
         self.max_batch_records = max_batch_records
         self.linger_s = linger_s
         self._store = LossStore(redis.Redis.from_url(
-            redis_url, socket_timeout=socket_timeout_s, socket_connect_timeout=1.0,
+            with_password(redis_url), socket_timeout=socket_timeout_s, socket_connect_timeout=1.0,
             retry=Retry(NoBackoff(), 0), decode_responses=False,
         ))
         self._seq = int(seq_start) if seq_start is not None else time.time_ns() // 1000
@@ -199,7 +207,7 @@ class LossReporter:
         self._spill = SpillFile(folder / f"r{self.rank}-{self._seq}.spill", max_spill_bytes)
         self._recent: deque[_Batch] = deque()  # delivered, kept for replay_window_s
         self._replay: deque[_Batch] = deque()  # to resend before anything else
-        self._check_lost = False  # after a connection error: did Redis lose batches?
+        self._acked: int | None = None  # the last seq the store acknowledged
 
         self._cond = threading.Condition()
         self._mem: deque[_Item] = deque()
@@ -507,18 +515,19 @@ class LossReporter:
                 self._spill.sent(batch.next_offset, batch.records)
             self._inflight = None
         batch.delivered_at = now
+        self._acked = batch.seq if self._acked is None else max(self._acked, batch.seq)
         self._recent.append(batch)
         while self._recent and now - self._recent[0].delivered_at > self.replay_window_s:
             self._recent.popleft()
         self._error = None
         self._cond.notify_all()
 
-    def _queue_lost_batches(self) -> None:
-        """After a connection error: resends recent batches the store no longer has."""
-        last = self._store.last_seq(self.run, self.rank)
+    def _queue_lost_batches(self, last: int) -> None:
+        """Queues the recent batches the store lost (those after `last`) to be sent first."""
         with self._cond:
-            self._check_lost = False
-            lost = [b for b in self._recent if last is None or b.seq > last]
+            self._acked = last if last >= 0 else None
+            lost = [b for b in self._recent if b.seq > last]
+            self._recent = deque(b for b in self._recent if b.seq <= last)
             queued = {b.seq for b in self._replay}
             lost = [b for b in lost if b.seq not in queued]
             if lost:
@@ -560,17 +569,14 @@ class LossReporter:
                 if not self._ready:
                     self._prepare()
                     continue
-                if self._check_lost and self._recent:
-                    self._queue_lost_batches()
-                    with self._cond:
-                        batch = self._next_batch()
                 if batch is None:
                     batch = self._batch_from_memory()
                     if batch is None:
                         continue  # every record had a bad id
                 batch.attempts += 1
-                appended = self._store.ingest(self.run, self.rank, batch.seq, batch.payload)
                 replay = bool(self._replay) and batch is self._replay[0]
+                appended = self._store.ingest(self.run, self.rank, batch.seq, batch.payload,
+                                              after=None if replay else self._acked)
                 if (not appended and batch.attempts == 1 and batch.seq >= self._first_seq
                         and not replay):
                     # Our own batch, never sent before, yet the store has a later one from
@@ -582,9 +588,12 @@ class LossReporter:
                 with self._cond:
                     self._delivered_batch(batch, appended)
                 backoff = 0.02
+            except LostBatchesError as e:
+                if batch is not None:
+                    batch.attempts -= 1  # not sent: the next try is its first
+                self._queue_lost_batches(e.last)
             except _TRANSIENT as e:
                 with self._cond:
-                    self._check_lost = True
                     self._error = f"{type(e).__name__}: {e}"
                     self._cond.wait(backoff)
                 backoff = min(backoff * 2, 1.0)
@@ -593,7 +602,6 @@ class LossReporter:
                     # Registered before, gone now (Redis lost its data): register again, and
                     # send again what it lost.
                     self._ready = False
-                    self._check_lost = True
                     continue
                 self._set_fatal(e)
                 return

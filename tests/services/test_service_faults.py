@@ -95,7 +95,7 @@ def test_redis_out_of_memory_is_visible_then_recovers(own_redis: EmbeddedRedis, 
         payload = pack(ids, np.ones(150, np.float32), np.ones(150, bool), 1, 0, 0).tobytes()
         pipe = store.client.pipeline(transaction=True)
         store._ingest(keys=[keys.meta("oom"), keys.seq("oom"), keys.log("oom")],
-                      args=[0, 100, payload, 17], client=pipe)
+                      args=[0, 100, payload, 17, ""], client=pipe)
         pipe.config_set("maxmemory", 1)
         pipe.execute()
 
