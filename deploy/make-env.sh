@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Writes the env file docker-compose gives every container (deploy/hardbatch.env by default):
-# a fresh Ray cluster token and sampler API token. Refuses to overwrite an existing file.
+# a fresh Ray cluster token, sampler API token and Redis password. Refuses to overwrite an
+# existing file.
 #
 #   deploy/make-env.sh [PATH]
 set -euo pipefail
@@ -17,5 +18,8 @@ RAY_AUTH_MODE=token
 RAY_AUTH_TOKEN=$(token)
 # Bearer token of the sampler service's state-changing endpoints (plans, plan configs).
 HARDBATCH_API_TOKEN=$(token)
+# Password of the loss store's Redis (requirepass, protected mode on). Every hardbatch client
+# fills it into redis:// URLs that name none, so URLs elsewhere carry no secret.
+HARDBATCH_REDIS_PASSWORD=$(token)
 ENV
 hb_log "wrote $file"

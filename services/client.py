@@ -1,11 +1,9 @@
-"""Client of the sampler service: plans (with prefetch) and hardness queries.
+"""Client of the sampler service: plans and hardness queries.
 
     client = SamplerClient("http://127.0.0.1:8000", token=None)
-    with client.prefetch("run-1", rank=0, world_size=2, start_round=0, batches=64,
-                         batch_size=256) as plans:
-        for plan in plans:          # round 0, 1, 2, ... fetched ahead in a background thread
-            for batch_ids in plan.ids:
-                ...
+    plan = client.plan("run-1", rank=0, world_size=2, round=0, batches=64, batch_size=256)
+    for batch_ids in plan.ids:
+        ...
 
 Plans travel as Arrow IPC (compact, no JSON parsing of 16k numbers); hardness queries as JSON.
 Errors are `SamplerError` (with the HTTP status when there is one), so a trainer can fall back
@@ -14,9 +12,6 @@ to a local shuffle when the service is unreachable.
 
 from __future__ import annotations
 
-import queue
-import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,21 +105,6 @@ class SamplerClient:
         except (pa.ArrowException, KeyError, ValueError) as e:  # a garbled answer is an outage
             raise SamplerError(f"plan for round {round} unreadable: {e}", 502) from e
 
-    def prefetch(self, run: str, *, rank: int, world_size: int, start_round: int, batches: int,
-                 batch_size: int, depth: int = 2, rounds: int | None = None,
-                 with_weights: bool = False, with_losses: bool = False) -> PlanPrefetcher:
-        """Plans for rounds start_round, start_round + 1, ..., fetched `depth` ahead.
-
-        Args:
-            rounds: stop after this many rounds (None: go on until closed).
-        """
-        def fetch(r: int) -> Plan:
-            return self.plan(run, rank=rank, world_size=world_size, round=r, batches=batches,
-                             batch_size=batch_size, with_weights=with_weights,
-                             with_losses=with_losses)
-
-        return PlanPrefetcher(fetch, start_round, depth, rounds)
-
     # -- hardness --------------------------------------------------------------------------
 
     def runs(self) -> list[dict[str, Any]]:
@@ -185,71 +165,3 @@ def _plan_from_arrow(payload: bytes, batches: int, batch_size: int) -> Plan:
     return Plan(round=int(meta["round"]), rank=int(meta["rank"]),
                 world_size=int(meta["world_size"]), ids=ids, weights=weights, losses=losses,
                 uniform=meta.get("uniform") == "true")
-
-
-class PlanPrefetcher:
-    """Iterates plans of consecutive rounds while a thread fetches the next ones.
-
-    A failed fetch is raised from `next()` (the iterator then ends), so the caller can fall
-    back to a local plan and start a new prefetcher later.
-    """
-
-    _DONE = object()
-
-    def __init__(self, fetch: Any, start_round: int, depth: int, rounds: int | None) -> None:
-        if depth < 1:
-            raise ValueError(f"depth must be >= 1, got {depth}")
-        self._fetch = fetch
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._finished = False
-        self._thread = threading.Thread(target=self._run, args=(start_round, rounds),
-                                        name="plan-prefetch", daemon=True)
-        self._thread.start()
-
-    def _run(self, start: int, rounds: int | None) -> None:
-        r = start
-        while not self._stop.is_set() and (rounds is None or r < start + rounds):
-            try:
-                item: Any = self._fetch(r)
-            except Exception as e:  # handed to the consumer, who decides
-                item = e
-            if not self._put(item) or isinstance(item, Exception):
-                return
-            r += 1
-        self._put(self._DONE)
-
-    def _put(self, item: Any) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def __iter__(self) -> Iterator[Plan]:
-        return self
-
-    def __next__(self) -> Plan:
-        if self._finished:
-            raise StopIteration
-        item = self._queue.get()
-        if item is self._DONE:
-            self._finished = True
-            raise StopIteration
-        if isinstance(item, Exception):
-            self._finished = True
-            raise item
-        plan: Plan = item
-        return plan
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5.0)
-
-    def __enter__(self) -> PlanPrefetcher:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()

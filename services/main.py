@@ -24,10 +24,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        store = LossStore.from_url(str(settings.redis_url))
+        store = LossStore.from_url(str(settings.redis_url),
+                                   socket_timeout=settings.redis_timeout_s,
+                                   socket_connect_timeout=min(settings.redis_timeout_s, 2.0))
         live = LiveRuns(store, settings.default_plan_config(), settings.refresh_s,
-                        settings.snapshot_interval_s)
-        rounds = RoundStore(store.client, settings.plan_ttl_s, settings.plan_cache_rounds)
+                        settings.snapshot_interval_s, idle_evict_s=settings.idle_evict_s)
+        rounds = RoundStore(store.client, settings.plan_ttl_s, settings.plan_cache_rounds,
+                            grace_s=settings.plan_grace_s, max_rounds=settings.plan_max_rounds)
         app.state.service = ServiceState(settings, store, live, rounds, PlanLatency())
         live.start()
         yield

@@ -14,7 +14,15 @@ Typical use in a service (one per run, in a background thread):
         hardest = table.hardest(10)
     m.stop()                           # final snapshot, thread joined
 
-or single-threaded: `m.catch_up()` applies everything appended so far.
+or single-threaded: `m.catch_up()` applies everything appended so far. A service with many runs
+reads all their logs with one blocking read (`LossStore.read_logs`) and hands each run's entries
+to `m.apply(entries)`.
+
+A Redis that restarts from its append-only file can come back without the last second of log
+entries, some of which this table already holds. The next entry then carries an index this
+consumer has already passed: it reloads the run's snapshot (which the restored store agrees
+with) and replays the log from there, so the table never counts a record twice when the
+reporters send the lost batches again.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ import numpy as np
 import redis
 from hardbatch.sampler.hardness import FIELDS, HardnessTable, split_valid
 from hardbatch.sampler.records import unpack_many
-from hardbatch.services.store import CONSUMER_FIELDS, LossStore, Snapshot, StoreError
+from hardbatch.services.store import CONSUMER_FIELDS, LogEntry, LossStore, Snapshot, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +108,8 @@ class Materializer:
         self._snap_entries = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._unpublished = False
+        self.reloads = 0  # times the table was rebuilt from a snapshot (gap or lost entries)
         self._reload(store.load_snapshot(run))
 
     # -- reading ---------------------------------------------------------------------------
@@ -164,48 +174,85 @@ class Materializer:
             entries = self.store.read_log(
                 self.run, self._last_id, count=max_entries or self.read_count, block_ms=block_ms
             )
-            if not entries:
-                return 0
-            expected = self._counters["consumed_entries"] + 1
-            if entries[0].index != expected:
-                return self._recover_gap(expected, entries[0].index)
-            for j, e in enumerate(entries):
-                if e.index != expected + j:
-                    raise StoreError(
-                        f"run {self.run}: log entry {e.id} has index {e.index}, "
-                        f"expected {expected + j}"
-                    )
-            records = unpack_many([e.payload for e in entries])
-            ids = records["sample_id"].astype(np.int64)
-            losses = np.ascontiguousarray(records["loss"])
-            kept = records["kept"].astype(bool)
-            step = np.ascontiguousarray(records["step"])
-            mask, rej = split_valid(ids, losses, self.table.size)
-            if mask is not None:
-                ids, losses, kept, step = ids[mask], losses[mask], kept[mask], step[mask]
-            # Apply in slices, letting readers in between: every state they can see is the
-            # table after some prefix of the log, just not yet the counters that say so.
-            for start in range(0, len(ids), APPLY_SLICE):
-                sl = slice(start, start + APPLY_SLICE)
-                with self.lock:
-                    self.table.apply_records(ids[sl], losses[sl], kept[sl], step[sl])
+            return self._apply(entries)
+
+    @property
+    def last_id(self) -> str:
+        """Stream id of the last log entry applied (read the log after it)."""
+        return self._last_id
+
+    def apply(self, entries: list[LogEntry]) -> int:
+        """Applies entries someone else read from this run's log after `last_id`.
+
+        Entries at or before `last_id` (applied meanwhile by a poll) are skipped.
+
+        Returns:
+            Number of records consumed. Raises like `poll`.
+        """
+        with self._poll_lock:
+            last = _id_tuple(self._last_id)
+            return self._apply([e for e in entries if _id_tuple(e.id) > last])
+
+    def _apply(self, entries: list[LogEntry]) -> int:
+        if not entries:
+            return 0
+        expected = self._counters["consumed_entries"] + 1
+        if entries[0].index != expected:
+            return self._recover_gap(expected, entries[0].index)
+        for j, e in enumerate(entries):
+            if e.index != expected + j:
+                raise StoreError(
+                    f"run {self.run}: log entry {e.id} has index {e.index}, "
+                    f"expected {expected + j}"
+                )
+        records = unpack_many([e.payload for e in entries])
+        ids = records["sample_id"].astype(np.int64)
+        losses = np.ascontiguousarray(records["loss"])
+        kept = records["kept"].astype(bool)
+        step = np.ascontiguousarray(records["step"])
+        mask, rej = split_valid(ids, losses, self.table.size)
+        if mask is not None:
+            ids, losses, kept, step = ids[mask], losses[mask], kept[mask], step[mask]
+        # Apply in slices, letting readers in between: every state they can see is the
+        # table after some prefix of the log, just not yet the counters that say so.
+        for start in range(0, len(ids), APPLY_SLICE):
+            sl = slice(start, start + APPLY_SLICE)
             with self.lock:
-                c = self._counters
-                c["consumed_entries"] = entries[-1].index
-                c["consumed_records"] += len(records)
-                c["rejected_out_of_range"] += rej.out_of_range
-                c["rejected_nonfinite"] += rej.nonfinite
-                self._last_id = entries[-1].id
-                published = dict(c)
-            if self.publish:
-                self.store.publish_consumer(self.run, published)
-            return len(records)
+                self.table.apply_records(ids[sl], losses[sl], kept[sl], step[sl])
+        with self.lock:
+            c = self._counters
+            c["consumed_entries"] = entries[-1].index
+            c["consumed_records"] += len(records)
+            c["rejected_out_of_range"] += rej.out_of_range
+            c["rejected_nonfinite"] += rej.nonfinite
+            self._last_id = entries[-1].id
+            self._unpublished = True
+        self.publish_pending()
+        return len(records)
+
+    def publish_pending(self) -> None:
+        """Publishes the consumer counters if the last publish did not happen (or failed)."""
+        if not self.publish or not self._unpublished:
+            return
+        with self.lock:
+            counters = dict(self._counters)
+        self.store.publish_consumer(self.run, counters)
+        self._unpublished = False
 
     def _recover_gap(self, expected: int, got: int) -> int:
+        snap = self.store.load_snapshot(self.run)
+        if got < expected:
+            # The store is behind this table: Redis restarted and lost entries we applied.
+            # Start over from what it has; the reporters send the lost batches again.
+            log.warning("run %s: log entry index %d where %d was expected: the store lost "
+                        "entries (Redis restarted?); reloading from its snapshot at %d",
+                        self.run, got, expected, snap.entries if snap else 0)
+            self._reload(snap)
+            self.reloads += 1
+            return 0
         # Entries were trimmed under us (another consumer snapshotted past our position):
         # the snapshot covers them, so start over from it.
-        snap = self.store.load_snapshot(self.run)
-        if got < expected or snap is None or snap.entries < expected - 1 or snap.entries < got - 1:
+        if snap is None or snap.entries < expected - 1 or snap.entries < got - 1:
             raise StoreError(
                 f"run {self.run}: log entry index {got} where {expected} was expected and no "
                 "snapshot covers the gap (was Redis restarted without persistence?)"
@@ -213,6 +260,7 @@ class Materializer:
         log.info("run %s: log trimmed past entry %d, reloading snapshot at %d",
                  self.run, expected - 1, snap.entries)
         self._reload(snap)
+        self.reloads += 1
         return 0
 
     def catch_up(self, timeout_s: float | None = None) -> int:
@@ -279,7 +327,9 @@ class Materializer:
                     last_snap = time.monotonic()
                 backoff = 0.05
                 self._last_error = None
-            except (redis.ConnectionError, redis.TimeoutError, StoreError) as e:
+            except (redis.RedisError, StoreError) as e:
+                # Any Redis error (down, out of memory, read-only) is retried: a table that
+                # silently stops following its log is the one outcome not allowed.
                 self._last_error = f"{type(e).__name__}: {e}"
                 log.warning("materializer %s: %s (retrying in %.2f s)", self.run, e, backoff)
                 stop.wait(backoff)
@@ -305,7 +355,7 @@ class Materializer:
         if final_snapshot:
             try:
                 self.snapshot()
-            except (redis.ConnectionError, redis.TimeoutError, StoreError) as e:
+            except (redis.RedisError, StoreError) as e:
                 log.warning("materializer %s: final snapshot failed: %s", self.run, e)
 
     def __enter__(self) -> Materializer:
@@ -313,3 +363,8 @@ class Materializer:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+def _id_tuple(stream_id: str) -> tuple[int, int]:
+    ms, _, seq = stream_id.partition("-")
+    return int(ms), int(seq or 0)

@@ -111,5 +111,16 @@ def render_metrics(runs: LiveRuns, latency: PlanLatency) -> str:
         *latency.render(),
         *_gauge("hardbatch_redis_up", "Whether the last Redis call of the service worked.",
                 [("", int(runs.redis_ok))]),
+        *_gauge("hardbatch_background_errors_total",
+                "Errors the service's background threads hit (each is retried).",
+                [(f'component="{c}",error="{k}"', n)
+                 for (c, k), n in sorted(runs.errors.snapshot().items())], "counter"),
+        *_gauge("hardbatch_table_reloads_total",
+                "Times a run's table was rebuilt from its snapshot (log gap, or Redis lost "
+                "entries in a restart).",
+                [(f'run="{r.run}"', r.materializer.reloads) for r in runs.loaded()
+                 if r.materializer is not None], "counter"),
+        *_gauge("hardbatch_run_ready", "Whether a loaded run's table follows its log.",
+                [(f'run="{r.run}"', int(r.state == "ready")) for r in runs.loaded()]),
     ]
     return "\n".join(lines) + "\n"

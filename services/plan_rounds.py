@@ -11,8 +11,10 @@ same name never gets the old run's rounds):
 with ids as little-endian u32 (u64 for tables past 2**32 samples) and weights as f32, both in
 (rank, batch, position) order: 8 bytes per id, so a round of 8 ranks x 64 x 256 takes 1 MiB.
 It is written with SET NX (the first writer wins, so two replicas cannot hand out different
-rounds) and expires after `plan_ttl_s`. A small in-memory LRU saves the round trip for the
-other ranks of a round.
+rounds) and expires after `plan_ttl_s`. Rounds do not pile up: once every rank of a round has
+fetched it, it expires `plan_grace_s` later (long enough for a worker group that restarts to
+fetch the same round again), and a run keeps at most `max_rounds` rounds (the oldest go).
+A small in-memory LRU saves the round trip for the other ranks of a round.
 """
 
 from __future__ import annotations
@@ -25,15 +27,40 @@ from collections import OrderedDict
 import numpy as np
 import redis
 from hardbatch.sampler.plans import RoundPlan, compose_round, validate_round_shape
+from hardbatch.services import keys
 from hardbatch.services.live_runs import LiveRun
+
+# KEYS: fetched set, round. ARGV: rank, world_size, grace_s, ttl_s.
+# Notes that `rank` has the round; once all ranks have it, the round expires after grace_s.
+_FETCHED = """
+redis.call('SADD', KEYS[1], ARGV[1])
+if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[2]) then
+  local left = redis.call('TTL', KEYS[2])
+  if left < 0 or left > tonumber(ARGV[3]) then
+    redis.call('EXPIRE', KEYS[2], ARGV[3])
+  end
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+  return 1
+end
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return 0
+"""
+
+# KEYS: rounds zset. ARGV: round key, round number, max_rounds.
+# Lists a new round; deletes the oldest rounds past max_rounds. Returns how many it deleted.
+_LIST_ROUND = """
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+local n = redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[3])
+if n <= 0 then return 0 end
+local old = redis.call('ZRANGE', KEYS[1], 0, n - 1)
+for _, k in ipairs(old) do redis.call('UNLINK', k) end
+redis.call('ZREMRANGEBYRANK', KEYS[1], 0, n - 1)
+return #old
+"""
 
 
 class RoundConflictError(ValueError):
     """The round exists with another shape than the request asks for."""
-
-
-def round_key(run: str, incarnation: str, world_size: int, round_: int) -> str:
-    return f"hb:{{{run}}}:round:{incarnation}:{world_size}:{round_}"
 
 
 def pack_round(plan: RoundPlan, num_samples: int) -> bytes:
@@ -72,19 +99,29 @@ class RoundStore:
         client: Redis client (bytes responses).
         ttl_s: lifetime of a stored round.
         cache_rounds: rounds kept in memory.
+        grace_s: lifetime of a round once every rank has fetched it.
+        max_rounds: rounds a run keeps in Redis (the oldest are deleted).
     """
 
-    def __init__(self, client: redis.Redis, ttl_s: int, cache_rounds: int) -> None:
+    def __init__(self, client: redis.Redis, ttl_s: int, cache_rounds: int, grace_s: int = 3600,
+                 max_rounds: int = 16) -> None:
         self.client = client
         self.ttl_s = ttl_s
         self.cache_rounds = cache_rounds
+        self.grace_s = grace_s
+        self.max_rounds = max_rounds
+        self._fetched = client.register_script(_FETCHED)
+        self._list_round = client.register_script(_LIST_ROUND)
         self._cache: OrderedDict[tuple[str, str, int, int], RoundPlan] = OrderedDict()
         self._cache_lock = threading.Lock()
         self._key_locks: dict[tuple[str, str, int, int], threading.Lock] = {}
 
     def get(self, run: LiveRun, *, round_: int, world_size: int, batches: int,
-            batch_size: int) -> tuple[RoundPlan, bool]:
+            batch_size: int, rank: int | None = None) -> tuple[RoundPlan, bool]:
         """The round, composed now if nobody composed it before.
+
+        Args:
+            rank: the rank asking, noted so that the round expires once all ranks have it.
 
         Returns:
             (round, composed_here).
@@ -110,11 +147,14 @@ class RoundStore:
                 f"with {plan.batches} batches x {plan.batch_size}; this request asks for "
                 f"{batches} x {batch_size} (all ranks of a round must ask for the same shape)"
             )
+        if rank is not None:
+            self._fetched(keys=[keys.fetched(*key), keys.round_(*key)],
+                          args=[rank, world_size, self.grace_s, self.ttl_s])
         return plan, composed
 
     def _load_or_compose(self, run: LiveRun, key: tuple[str, str, int, int], batches: int,
                          batch_size: int) -> tuple[RoundPlan, bool]:
-        rkey = round_key(*key)
+        rkey = keys.round_(*key)
         blob = self.client.get(rkey)
         if blob is not None:
             return unpack_round(blob), False  # type: ignore[arg-type]
@@ -122,6 +162,7 @@ class RoundStore:
         plan = compose_round(snap, seed=run.seed, round_=key[3], world_size=key[2],
                              batches=batches, batch_size=batch_size)
         if self.client.set(rkey, pack_round(plan, snap.n), nx=True, ex=self.ttl_s):
+            self._list_round(keys=[keys.rounds(run.run)], args=[rkey, key[3], self.max_rounds])
             return plan, True
         # Another replica stored this round first: its plan is the round.
         blob = self.client.get(rkey)
@@ -155,9 +196,3 @@ class RoundStore:
                         if k != key and k not in self._cache:
                             self._key_locks.pop(k, None)
             return lock
-
-    def forget(self, run: str) -> None:
-        """Drops a run's rounds from memory (Redis copies expire on their own)."""
-        with self._cache_lock:
-            for k in [k for k in self._cache if k[0] == run]:
-                del self._cache[k]

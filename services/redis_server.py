@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import weakref
 from collections.abc import Iterator
@@ -30,6 +31,20 @@ from typing import Any
 import redis
 
 ENV_URL = "HARDBATCH_REDIS_URL"
+ENV_PASSWORD = "HARDBATCH_REDIS_PASSWORD"
+
+
+def with_password(url: str) -> str:
+    """`url` with $HARDBATCH_REDIS_PASSWORD filled in, when it is set and the URL names none.
+
+    The deploy files keep the password in the env file `deploy/make-env.sh` writes, apart from
+    the URLs, so no URL in a manifest or a process list carries it.
+    """
+    password = os.environ.get(ENV_PASSWORD)
+    scheme, sep, rest = url.partition("://")
+    if not password or not sep or scheme not in ("redis", "rediss") or "@" in rest:
+        return url
+    return f"{scheme}://:{password}@{rest}"
 
 _live: weakref.WeakSet[EmbeddedRedis] = weakref.WeakSet()
 
@@ -74,6 +89,9 @@ class EmbeddedRedis:
         port: TCP port to use with tcp=True.
         appendonly: keep an append-only file, so a killed server restarts with its data.
         appendfsync: "always", "everysec" or "no" (with appendonly).
+        data_dir: where the append-only file lives (default: `directory`); give a lasting
+            folder (e.g. the run's) so the data outlives the process that started it.
+        supervise: restart the server, on the same socket, port and data, if it dies.
         binary: redis-server to run (default `find_redis_server()`).
         extra_args: more `--name value` settings.
     """
@@ -81,7 +99,8 @@ class EmbeddedRedis:
     def __init__(self, directory: str | Path | None = None, *, tcp: bool = False,
                  port: int | None = None, appendonly: bool = False,
                  appendfsync: str = "everysec", binary: str | None = None,
-                 extra_args: dict[str, str] | None = None) -> None:
+                 extra_args: dict[str, str] | None = None, data_dir: str | Path | None = None,
+                 supervise: bool = False) -> None:
         if appendfsync not in ("always", "everysec", "no"):
             raise ValueError(f"appendfsync must be always, everysec or no, got {appendfsync!r}")
         self.binary = binary or find_redis_server()
@@ -96,8 +115,14 @@ class EmbeddedRedis:
         self.port = port if port is not None else (free_port() if self.tcp else None)
         self.appendonly = appendonly
         self.appendfsync = appendfsync
+        self.data_dir = Path(data_dir) if data_dir is not None else self.directory
+        self.data_dir.mkdir(parents=True, exist_ok=True)
         self.extra_args = dict(extra_args or {})
         self.process: subprocess.Popen[bytes] | None = None
+        self.supervise = supervise
+        self.restarts = 0
+        self._stopping = threading.Event()
+        self._watchdog: threading.Thread | None = None
 
     @property
     def unix_url(self) -> str:
@@ -124,7 +149,7 @@ class EmbeddedRedis:
             "bind": "127.0.0.1",
             "unixsocket": str(self.socket_path),
             "unixsocketperm": "700",
-            "dir": str(self.directory),
+            "dir": str(self.data_dir),
             "save": "",
             "appendonly": "yes" if self.appendonly else "no",
             "appendfsync": self.appendfsync,
@@ -144,6 +169,11 @@ class EmbeddedRedis:
         Raises:
             RuntimeError: it exited or did not answer PING within `timeout_s`.
         """
+        self._stopping.clear()
+        if self.supervise and (self._watchdog is None or not self._watchdog.is_alive()):
+            self._watchdog = threading.Thread(target=self._watch, name="redis-watchdog",
+                                              daemon=True)
+            self._watchdog.start()
         for _ in range(4):
             try:
                 return self._start(timeout_s)
@@ -196,8 +226,17 @@ class EmbeddedRedis:
         except OSError:
             return "(no log)"
 
+    def _watch(self) -> None:
+        while not self._stopping.wait(0.5):
+            p = self.process
+            if p is None or p.poll() is None:
+                continue
+            with contextlib.suppress(RuntimeError):
+                self._start(30.0)
+                self.restarts += 1
+
     def kill(self) -> None:
-        """SIGKILLs the server (as a crash would); `start()` brings it back."""
+        """SIGKILLs the server (as a crash would); `start()` (or the watchdog) brings it back."""
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGKILL)
             self.process.wait()
@@ -205,6 +244,9 @@ class EmbeddedRedis:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stops the server (SIGTERM, then SIGKILL) and removes its temp dir if it made one."""
+        self._stopping.set()
+        if self._watchdog is not None and self._watchdog is not threading.current_thread():
+            self._watchdog.join(5.0)
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:
@@ -245,7 +287,7 @@ def redis_url_or_embedded(url: str | None = None, **embedded: Any) -> Iterator[s
     """
     url = url or os.environ.get(ENV_URL) or None
     if url:
-        yield url
+        yield with_password(url)
         return
     with EmbeddedRedis(**embedded) as server:
         yield server.url

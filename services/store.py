@@ -1,17 +1,6 @@
 """The Redis loss store: runs, an append-only log of packed loss records, and table snapshots.
 
-Key layout (all keys of a run share the hash tag `{run}`, so a run lives on one cluster slot);
-docs/store.md explains it in full:
-
-| key                                 | type   | holds                                           |
-|-------------------------------------|--------|-------------------------------------------------|
-| `hb:runs`                           | set    | names of registered runs                        |
-| `hb:{RUN}:meta`                     | hash   | size, decay, ingest counters, consumer counters, |
-|                                     |        | current snapshot pointer                        |
-| `hb:{RUN}:seq`                      | hash   | rank -> last accepted batch sequence number     |
-| `hb:{RUN}:log`                      | stream | one entry per packed batch: r, s, i, d          |
-| `hb:{RUN}:snap:{GEN}:{FIELD}:{K}`   | string | chunk K of one table field (2**20 samples)      |
-| `hb:{RUN}:snapgens`                 | set    | snapshot generations that may have chunks       |
+Key names are in `hardbatch.services.keys`; docs/store.md explains the layout.
 
 Ingest is one Lua script, so "append only if this (rank, seq) is new" is atomic: a batch that
 is retried after a lost reply, or replayed from a spill file, is counted as a duplicate and not
@@ -31,8 +20,8 @@ import numpy as np
 import redis
 from hardbatch.sampler.hardness import FIELD_DTYPES, FIELDS, MAX_SAMPLES, HardnessTable
 from hardbatch.sampler.records import RECORD_DTYPE, RECORD_SIZE, to_bytes
+from hardbatch.services import keys
 
-RUNS_KEY = "hb:runs"
 CHUNK_SAMPLES = 1 << 20  # 4 MiB per field chunk: well under Redis's 512 MB string limit
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
@@ -54,24 +43,13 @@ class RunSizeMismatchError(StoreError):
     """A run was registered again with a different dataset size or decay."""
 
 
-def meta_key(run: str) -> str:
-    return f"hb:{{{run}}}:meta"
+class LostBatchesError(StoreError):
+    """The store is behind what it acknowledged to a sender (Redis restarted from an older
+    append-only file): `last` is the last seq it holds from the rank (-1: none)."""
 
-
-def seq_key(run: str) -> str:
-    return f"hb:{{{run}}}:seq"
-
-
-def log_key(run: str) -> str:
-    return f"hb:{{{run}}}:log"
-
-
-def snapgens_key(run: str) -> str:
-    return f"hb:{{{run}}}:snapgens"
-
-
-def snap_key(run: str, gen: int, field_name: str, chunk: int) -> str:
-    return f"hb:{{{run}}}:snap:{gen}:{field_name}:{chunk}"
+    def __init__(self, message: str, last: int) -> None:
+        super().__init__(message)
+        self.last = last
 
 
 def check_run_name(run: str) -> str:
@@ -101,8 +79,11 @@ redis.call('SADD', KEYS[2], ARGV[1])
 return 1
 """
 
-# KEYS: meta, seq, log. ARGV: rank, seq, payload, record_size.
+# KEYS: meta, seq, log. ARGV: rank, seq, payload, record_size, after.
 # Returns 1 (appended) or 0 (duplicate: this rank already delivered seq or a later one).
+# `after` (or ''): the last seq the sender knows the store acknowledged; a store whose last seq
+# for the rank is behind it lost batches (Redis restarted from an older file) and refuses the
+# new one with LOST <its last seq>, so the sender can send the lost ones first, in order.
 _INGEST = """
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return redis.error_reply('UNKNOWN_RUN')
@@ -119,11 +100,36 @@ if last and tonumber(last) >= seq then
   redis.call('HINCRBY', KEYS[1], 'duplicate_batches', 1)
   return 0
 end
+if ARGV[5] ~= '' and (not last or tonumber(last) < tonumber(ARGV[5])) then
+  return redis.error_reply('LOST ' .. (last or '-1'))
+end
 local i = redis.call('HINCRBY', KEYS[1], 'entries', 1)
 redis.call('XADD', KEYS[3], '*', 'r', ARGV[1], 's', ARGV[2], 'i', i, 'd', ARGV[3])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 redis.call('HINCRBY', KEYS[1], 'records', nbytes / rs)
 return 1
+"""
+
+# KEYS: meta. ARGV: field/value pairs. HSET only while the run exists, so a consumer that is
+# still busy with a run just deleted cannot bring back a meta hash of counters alone.
+_HSET_IF_RUN = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return redis.error_reply('UNKNOWN_RUN')
+end
+for j = 1, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], ARGV[j], ARGV[j + 1])
+end
+return 1
+"""
+
+# KEYS: meta, snapgens. The next snapshot generation, listed before any chunk is written.
+_NEXT_GEN = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return redis.error_reply('UNKNOWN_RUN')
+end
+local gen = redis.call('HINCRBY', KEYS[1], 'snap_gen_counter', 1)
+redis.call('SADD', KEYS[2], gen)
+return gen
 """
 
 # KEYS: meta, log. ARGV: gen, snap_id, snap_entries, trim_min_id, now, then consumer
@@ -249,11 +255,16 @@ class LossStore:
         self._register = client.register_script(_REGISTER)
         self._ingest = client.register_script(_INGEST)
         self._commit = client.register_script(_COMMIT_SNAPSHOT)
+        self._hset_if_run = client.register_script(_HSET_IF_RUN)
+        self._next_gen = client.register_script(_NEXT_GEN)
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> LossStore:
-        """A store on a new client for `url` (redis://, rediss:// or unix://)."""
-        return cls(redis.Redis.from_url(url, decode_responses=False, **kwargs))
+        """A store on a new client for `url` (redis://, rediss:// or unix://); the password
+        comes from $HARDBATCH_REDIS_PASSWORD when the URL has none."""
+        from hardbatch.services.redis_server import with_password
+
+        return cls(redis.Redis.from_url(with_password(url), decode_responses=False, **kwargs))
 
     # -- runs ------------------------------------------------------------------------------
 
@@ -277,7 +288,7 @@ class LossStore:
             raise StoreError(f"ema_decay must be in [0, 1), got {ema_decay}")
         try:
             created = self._register(
-                keys=[meta_key(run), RUNS_KEY],
+                keys=[keys.meta(run), keys.RUNS],
                 args=[run, int(num_samples), repr(float(ema_decay)), int(bool(retain_log)),
                       repr(time.time())],
             )
@@ -289,12 +300,15 @@ class LossStore:
 
     def runs(self) -> list[str]:
         """Names of registered runs, sorted."""
-        members: Any = self.client.smembers(RUNS_KEY)
+        members: Any = self.client.smembers(keys.RUNS)
         return sorted(_s(r) for r in members)
+
+    def has_run(self, run: str) -> bool:
+        return bool(self.client.sismember(keys.RUNS, check_run_name(run)))
 
     def _meta(self, run: str) -> dict[str, str]:
         check_run_name(run)
-        raw: Any = self.client.hgetall(meta_key(run))
+        raw: Any = self.client.hgetall(keys.meta(run))
         if not raw:
             raise UnknownRunError(f"unknown run {run!r}: register it first")
         return {_s(k): _s(v) for k, v in raw.items()}
@@ -306,8 +320,8 @@ class LossStore:
         """Counters and settings of a run. Raises UnknownRunError."""
         meta = self._meta(run)
         pipe = self.client.pipeline(transaction=False)
-        pipe.hgetall(seq_key(run))
-        pipe.xlen(log_key(run))
+        pipe.hgetall(keys.seq(run))
+        pipe.xlen(keys.log(run))
         seqs, xlen = pipe.execute()
 
         def num(k: str) -> int:
@@ -333,26 +347,37 @@ class LossStore:
             ranks={int(_s(k)): int(_s(v)) for k, v in seqs.items()},
         )
 
-    def delete_run(self, run: str) -> None:
-        """Removes a run and all its keys (no error if it does not exist)."""
+    def delete_run(self, run: str) -> int:
+        """Removes a run and every key it has (plan config and rounds included).
+
+        Returns:
+            How many keys were removed (0 if the run did not exist).
+        """
         check_run_name(run)
-        keys = [meta_key(run), seq_key(run), log_key(run), snapgens_key(run)]
-        keys += list(self.client.scan_iter(match=f"hb:{{{run}}}:snap:*", count=1000))
-        self.client.unlink(*keys)
-        self.client.srem(RUNS_KEY, run)
+        self.client.srem(keys.RUNS, run)
+        names = list(self.client.scan_iter(match=keys.run_pattern(run), count=1000))
+        removed = 0
+        for start in range(0, len(names), 1000):
+            removed += int(self.client.unlink(*names[start:start + 1000]))
+        return removed
 
     # -- ingest ----------------------------------------------------------------------------
 
     def last_seq(self, run: str, rank: int) -> int | None:
         """The last batch sequence number accepted from `rank`, or None."""
-        v = self.client.hget(seq_key(check_run_name(run)), str(int(rank)))
+        v = self.client.hget(keys.seq(check_run_name(run)), str(int(rank)))
         return None if v is None else int(_s(v))
 
-    def ingest(self, run: str, rank: int, seq: int, payload: bytes) -> bool:
+    def ingest(self, run: str, rank: int, seq: int, payload: bytes,
+               after: int | None = None) -> bool:
         """Appends one packed batch unless `(run, rank, seq)` was already delivered.
 
         A rank must deliver its batches in increasing `seq` order: a batch whose seq is not
         greater than the last accepted one is treated as a duplicate.
+
+        Args:
+            after: the last seq the store acknowledged to this sender, if it wants to know
+                when the store lost batches since (LostBatchesError instead of appending).
 
         Returns:
             True if appended, False if it was a duplicate (already applied: not an error).
@@ -369,11 +394,18 @@ class LossStore:
             raise StoreError(f"seq must be in [0, 2**53), got {seq}")
         try:
             appended = self._ingest(
-                keys=[meta_key(run), seq_key(run), log_key(run)],
-                args=[int(rank), int(seq), payload, RECORD_SIZE],
+                keys=[keys.meta(run), keys.seq(run), keys.log(run)],
+                args=[int(rank), int(seq), payload, RECORD_SIZE,
+                      "" if after is None else int(after)],
             )
         except redis.ResponseError as e:
             msg = str(e)
+            if msg.startswith("LOST "):
+                last = int(msg.split()[1])
+                raise LostBatchesError(
+                    f"run {run!r} rank {rank}: the store holds batches up to seq {last}, not "
+                    f"{after} as it acknowledged (Redis restarted from an older file?)",
+                    last) from None
             if "UNKNOWN_RUN" in msg:
                 raise UnknownRunError(f"unknown run {run!r}: register it first") from None
             if "MALFORMED" in msg:
@@ -394,20 +426,28 @@ class LossStore:
         Args:
             block_ms: wait up to this long for new entries when there are none (None: no wait).
         """
-        resp: Any = self.client.xread({log_key(run): after_id}, count=count, block=block_ms)
-        if not resp:
-            return []
-        _, items = resp[0]
-        return [
-            LogEntry(
-                id=_s(eid),
-                rank=int(f[b"r"]),
-                seq=int(f[b"s"]),
-                index=int(f[b"i"]),
-                payload=f[b"d"],
-            )
-            for eid, f in items
-        ]
+        return self.read_logs({run: after_id}, count, block_ms).get(run, [])
+
+    def read_logs(self, positions: dict[str, str], count: int = 1024,
+                  block_ms: int | None = None) -> dict[str, list[LogEntry]]:
+        """Log entries of many runs in one call: run -> entries after its stream id.
+
+        One connection serves every run, so a service reading hundreds of runs holds one
+        blocking read, not hundreds. Runs with nothing new are left out.
+        """
+        if not positions:
+            return {}
+        streams = {keys.log(run): after for run, after in positions.items()}
+        resp: Any = self.client.xread(streams, count=count, block=block_ms)  # type: ignore[arg-type]
+        by_key = {keys.log(run): run for run in positions}
+        out: dict[str, list[LogEntry]] = {}
+        for stream, items in resp or []:
+            out[by_key[_s(stream)]] = [
+                LogEntry(id=_s(eid), rank=int(f[b"r"]), seq=int(f[b"s"]), index=int(f[b"i"]),
+                         payload=f[b"d"])
+                for eid, f in items
+            ]
+        return out
 
     def iter_log(self, run: str, batch: int = 1024) -> Iterator[LogEntry]:
         """Every entry still in the log, oldest first."""
@@ -428,14 +468,51 @@ class LossStore:
 
     def first_log_index(self, run: str) -> int | None:
         """The dense index of the oldest entry still in the log, or None if it is empty."""
-        entries = self.client.xrange(log_key(run), count=1)
+        entries = self.client.xrange(keys.log(run), count=1)
         if not entries:
             return None
         return int(entries[0][1][b"i"])  # type: ignore[index]
 
+    def created_at(self, runs: list[str]) -> dict[str, float | None]:
+        """Registration time of each run (None: not registered), in one round trip."""
+        pipe = self.client.pipeline(transaction=False)
+        for run in runs:
+            pipe.hget(keys.meta(run), "created_at")
+        return {run: None if v is None else float(_s(v))
+                for run, v in zip(runs, pipe.execute(), strict=True)}
+
+    # -- plan config: a hash every replica reads through, so a change reaches them all -------
+
+    def plan_configs(self, runs: list[str]) -> dict[str, dict[str, str]]:
+        """The stored plan-config fields of each run ({} where none was set), one round trip."""
+        pipe = self.client.pipeline(transaction=False)
+        for run in runs:
+            pipe.hgetall(keys.plan_config(run))
+        return {run: {_s(k): _s(v) for k, v in raw.items()}
+                for run, raw in zip(runs, pipe.execute(), strict=True)}
+
+    def set_plan_config(self, run: str, fields: dict[str, str]) -> None:
+        """Replaces the stored plan config of a registered run."""
+        check_run_name(run)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.delete(keys.plan_config(run))
+        pipe.hset(keys.plan_config(run), mapping=fields)  # type: ignore[arg-type]
+        pipe.execute()
+
     def publish_consumer(self, run: str, counters: dict[str, int]) -> None:
         """Records how far a materializer has read (absolute values, idempotent)."""
-        self.client.hset(meta_key(run), mapping={k: int(v) for k, v in counters.items()})
+        args: list[Any] = []
+        for k, v in counters.items():
+            args += [k, int(v)]
+        self._run_script(self._hset_if_run, run, [keys.meta(run)], args)
+
+    def _run_script(self, script: Any, run: str, names: list[str], args: list[Any]) -> Any:
+        try:
+            return script(keys=names, args=args)
+        except redis.ResponseError as e:
+            if "UNKNOWN_RUN" in str(e):
+                raise UnknownRunError(f"unknown run {run!r} (deleted?)") from None
+            raise
 
     # -- snapshots -------------------------------------------------------------------------
 
@@ -453,24 +530,23 @@ class LossStore:
         """
         meta = self._meta(run)
         size = int(meta["num_samples"])
-        gen_raw: Any = self.client.hincrby(meta_key(run), "snap_gen_counter", 1)
-        gen = int(gen_raw)
         # Listed before any chunk is written, so a writer that dies half way leaves keys that
         # the next snapshot's garbage collection finds.
-        self.client.sadd(snapgens_key(run), gen)
+        gen = int(self._run_script(self._next_gen, run, [keys.meta(run), keys.snapgens(run)], []))
         pipe = self.client.pipeline(transaction=False)
         for name in FIELDS:
             arr = arrays[name]
             if arr.shape != (size,) or arr.dtype != FIELD_DTYPES[name]:
                 raise StoreError(f"snapshot field {name}: {arr.dtype}{arr.shape} for size {size}")
             for k, start in enumerate(range(0, size, CHUNK_SAMPLES)):
-                pipe.set(snap_key(run, gen, name, k), arr[start:start + CHUNK_SAMPLES].tobytes())
+                pipe.set(keys.snap(run, gen, name, k), arr[start:start + CHUNK_SAMPLES].tobytes())
             pipe.execute()
         trim = next_stream_id(stream_id) if stream_id != "0-0" else ""
         args: list[Any] = [gen, stream_id, int(entries), trim, repr(time.time())]
         for name, value in counters.items():
             args += [name, int(value)]
-        committed = bool(self._commit(keys=[meta_key(run), log_key(run)], args=args))
+        committed = bool(self._run_script(self._commit, run, [keys.meta(run), keys.log(run)],
+                                          args))
         if not committed:
             self._delete_generation(run, gen, size)
         self._collect_garbage(run, size)
@@ -478,15 +554,15 @@ class LossStore:
 
     def _delete_generation(self, run: str, gen: int, size: int) -> None:
         nchunks = -(-size // CHUNK_SAMPLES)
-        keys = [snap_key(run, gen, f, k) for f in FIELDS for k in range(nchunks)]
-        self.client.unlink(*keys)
-        self.client.srem(snapgens_key(run), gen)
+        names = [keys.snap(run, gen, f, k) for f in FIELDS for k in range(nchunks)]
+        self.client.unlink(*names)
+        self.client.srem(keys.snapgens(run), gen)
 
     def _collect_garbage(self, run: str, size: int) -> None:
         """Deletes every snapshot generation older than the current one."""
-        cur_raw: Any = self.client.hget(meta_key(run), "snap_gen")
+        cur_raw: Any = self.client.hget(keys.meta(run), "snap_gen")
         current = int(cur_raw or 0)
-        gens: Any = self.client.smembers(snapgens_key(run))
+        gens: Any = self.client.smembers(keys.snapgens(run))
         for g in sorted(int(x) for x in gens):
             if g < current:
                 self._delete_generation(run, g, size)
@@ -510,7 +586,7 @@ class LossStore:
         pipe = self.client.pipeline(transaction=False)
         for name in FIELDS:
             for k in range(nchunks):
-                pipe.get(snap_key(run, gen, name, k))
+                pipe.get(keys.snap(run, gen, name, k))
         blobs = pipe.execute()
         arrays: dict[str, np.ndarray] = {}
         for j, name in enumerate(FIELDS):

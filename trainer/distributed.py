@@ -124,7 +124,7 @@ def worker_loop(cfg: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            resume = torch.load(Path(d) / STATE_FILE, weights_only=False)
+            resume = torch.load(Path(d) / STATE_FILE, weights_only=True)
         log.info("rank %d resumes at epoch %d", rank, resume["epoch"])
 
     def on_epoch_end(state: dict[str, Any]) -> None:

@@ -135,7 +135,11 @@ def launch(job: JobConfig, top_k: int = 10) -> JobResult:
             raise ValueError(f"run {run!r} already has checkpoints in {Path(storage) / run}; "
                              "pass --resume to continue it, or choose another --run")
     with contextlib.ExitStack() as stack:
-        redis_url = stack.enter_context(redis_url_or_embedded(job.redis or None, tcp=True))
+        # An embedded Redis keeps an append-only file beside the checkpoints and is restarted
+        # if it dies, so the run's store outlives a crash of its server (docs/store.md).
+        aof = (Path(storage).parent if "://" not in storage else Path("runs")) / "redis" / run
+        redis_url = stack.enter_context(redis_url_or_embedded(
+            job.redis or None, tcp=True, appendonly=True, data_dir=aof, supervise=True))
         store = LossStore.from_url(redis_url)
         store.register_run(run, task.num_samples)
         store.client.close()
@@ -168,7 +172,7 @@ def launch(job: JobConfig, top_k: int = 10) -> JobResult:
             raise RuntimeError(f"run {run} failed: {result.error}") from result.error
         assert result.checkpoint is not None, "a finished run always has a checkpoint"
         with result.checkpoint.as_directory() as d:
-            state: dict[str, Any] = torch.load(Path(d) / STATE_FILE, weights_only=False)
+            state: dict[str, Any] = torch.load(Path(d) / STATE_FILE, weights_only=True)
         out = RunResult(**state["result"])
         out.config.update(run=run, workers=job.workers, service=service)
         hardest: list[dict[str, Any]] = []

@@ -7,9 +7,11 @@ sequence number that the store uses to apply it at most once.
 Where records wait, oldest first:
 
 1. the batch in flight (formed, numbered, being sent or retried after an error);
-2. the spill file: when Redis is unreachable and the in-memory queue passes
-   `max_buffer_records`, the whole queue is numbered and appended to a local file, so memory
-   stays bounded; frames are read back and sent, in order, once Redis answers again;
+2. the spill file (format and folders in `hardbatch.trainer.spill`): when Redis is unreachable
+   and the in-memory queue passes `max_buffer_records`, the whole queue is numbered and
+   appended to a local file, so memory stays bounded; frames are read back and sent, in order,
+   once Redis answers again. The file is capped at `max_spill_bytes`: past it, records are
+   dropped and counted (`overflow_records`), never training stalled;
 3. the in-memory queue.
 
 A batch is retried with the same number and bytes until the store answers, so a reply lost in
@@ -19,15 +21,17 @@ a later reporter for the same run and rank (same `spill_dir`) sends it first.
 
 Sequence numbers start at the wall clock in microseconds, so a restarted worker's numbers
 follow the previous incarnation's (the store ignores a seq that is not above the last).
+
+A Redis that restarts from its append-only file may have lost the last second of writes,
+batches it had acknowledged included. The reporter keeps the batches delivered in the last
+`replay_window_s` seconds and sends each batch with the last seq the store acknowledged; a
+store that holds less refuses it (`LostBatchesError`), and the reporter sends the lost batches
+again, in order, before it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import struct
-import tempfile
 import threading
 import time
 from collections import deque
@@ -44,14 +48,29 @@ from hardbatch.sampler.records import (
     check_scalars,
     pack_dropping_bad_ids,
 )
-from hardbatch.services.store import LossStore, StoreError, UnknownRunError, check_run_name
+from hardbatch.services.redis_server import with_password
+from hardbatch.services.store import (
+    LossStore,
+    LostBatchesError,
+    StoreError,
+    UnknownRunError,
+    check_run_name,
+)
+from hardbatch.trainer.spill import (
+    SpillError,
+    SpillFile,
+    SpillFull,
+    read_spill,
+    spill_folder,
+    take_orphans,
+)
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 log = logging.getLogger(__name__)
 
-_FRAME = struct.Struct("<4sQI")  # magic, seq, payload bytes
-_MAGIC = b"HBS1"
+__all__ = ["DeliveryReport", "LossReporter", "ReporterError", "read_spill"]
+
 _TRANSIENT = (redis.ConnectionError, redis.TimeoutError, OSError)
 
 
@@ -72,6 +91,8 @@ class DeliveryReport:
         spilled_records: records that went through the spill file.
         invalid_records: records dropped because their id cannot be a sample id (< 0 or
             >= 2**32); ids merely beyond the dataset are the store's to count.
+        overflow_records: records dropped because the spill file reached its byte cap.
+        replayed_batches: delivered batches sent again after Redis lost them in a restart.
         spill_path: the spill file, if it still holds undelivered records.
         error: last delivery error, or the fatal one that stopped delivery.
     """
@@ -83,13 +104,15 @@ class DeliveryReport:
     pending_records: int
     spilled_records: int
     invalid_records: int
+    overflow_records: int
+    replayed_batches: int
     spill_path: str | None
     error: str | None
 
     @property
     def ok(self) -> bool:
         """Everything reported was delivered."""
-        return self.pending_records == 0
+        return self.pending_records == 0 and self.overflow_records == 0
 
 
 @dataclass
@@ -119,6 +142,7 @@ class _Batch:
     from_spill: bool = False
     next_offset: int = 0  # spill file offset after this frame (from_spill only)
     attempts: int = 0
+    delivered_at: float = 0.0
 
 
 class LossReporter:
@@ -133,7 +157,11 @@ class LossReporter:
         ema_decay: moving-average decay to register the run with.
         max_buffer_records: records kept in memory while Redis is unreachable before spilling.
         max_batch_records: records per delivered batch (one log entry).
-        spill_dir: folder for spill files (default: a `hardbatch-spill` temp folder).
+        spill_dir: root folder for spill files (default: a private `hardbatch-spill-<uid>`
+            folder in the system temp folder); this run's go in its `<run>` subfolder.
+        max_spill_bytes: cap on the spill file.
+        replay_window_s: how long delivered batches are kept to resend after a Redis restart
+            that lost them (Redis persists every second: a few seconds cover it).
         socket_timeout_s: Redis socket timeout of the sender.
         linger_s: how long the sender lets records gather before sending a batch smaller than
             `max_batch_records` (fewer, larger sends wake the training thread's GIL less).
@@ -147,7 +175,8 @@ class LossReporter:
     def __init__(self, redis_url: str, run: str, rank: int = 0, *,
                  num_samples: int | None = None, ema_decay: float = 0.9,
                  max_buffer_records: int = 1_000_000, max_batch_records: int = 65_536,
-                 spill_dir: str | Path | None = None, socket_timeout_s: float = 5.0,
+                 spill_dir: str | Path | None = None, max_spill_bytes: int = 1 << 30,
+                 replay_window_s: float = 5.0, socket_timeout_s: float = 5.0,
                  linger_s: float = 0.2, seq_start: int | None = None,
                  start: bool = True) -> None:
         check_run_name(run)
@@ -167,18 +196,18 @@ class LossReporter:
         self.max_batch_records = max_batch_records
         self.linger_s = linger_s
         self._store = LossStore(redis.Redis.from_url(
-            redis_url, socket_timeout=socket_timeout_s, socket_connect_timeout=1.0,
+            with_password(redis_url), socket_timeout=socket_timeout_s, socket_connect_timeout=1.0,
             retry=Retry(NoBackoff(), 0), decode_responses=False,
         ))
         self._seq = int(seq_start) if seq_start is not None else time.time_ns() // 1000
         self._first_seq = self._seq
-        spill_root = Path(spill_dir or Path(tempfile.gettempdir()) / "hardbatch-spill")
-        spill_root.mkdir(parents=True, exist_ok=True)
-        self._spill_path = spill_root / f"{run}-r{self.rank}-{self._seq}.spill"
-        self._spill_read = 0  # offset of the next unsent frame
-        self._spill_size = 0
-        self._spill_pending = 0  # records in unsent frames
-        self._orphans = sorted(spill_root.glob(f"{run}-r{self.rank}-*.spill"))
+        self.replay_window_s = replay_window_s
+        folder = spill_folder(spill_dir, run)
+        self._orphans, orphan_frames = take_orphans(folder, self.rank)
+        self._spill = SpillFile(folder / f"r{self.rank}-{self._seq}.spill", max_spill_bytes)
+        self._recent: deque[_Batch] = deque()  # delivered, kept for replay_window_s
+        self._replay: deque[_Batch] = deque()  # to resend before anything else
+        self._acked: int | None = None  # the last seq the store acknowledged
 
         self._cond = threading.Condition()
         self._mem: deque[_Item] = deque()
@@ -193,6 +222,8 @@ class LossReporter:
         self._duplicates = 0
         self._spilled = 0
         self._invalid = 0
+        self._overflow = 0
+        self._replayed = 0
         self._last_spill_log = -1e9
         self._error: str | None = None
         self._fatal: str | None = None
@@ -200,7 +231,7 @@ class LossReporter:
         self._ready = False
         self._thread = threading.Thread(target=self._run, name=f"loss-reporter-{run}-{rank}",
                                         daemon=True)
-        self._adopt_orphans()
+        self._adopt_orphans(orphan_frames)
         if start:
             self._thread.start()
 
@@ -281,8 +312,8 @@ class LossReporter:
         with self._cond:
             if self._pending():
                 self._persist_all()
-            elif self._spill_path.exists():
-                self._spill_path.unlink()
+            else:
+                self._spill.path.unlink(missing_ok=True)
             rep = self._report()
         self._store.client.close()
         return rep
@@ -295,7 +326,8 @@ class LossReporter:
 
     def _pending(self) -> int:
         inflight = self._inflight.records if self._inflight else 0
-        return self._mem_records + self._spill_pending + inflight + self._packing
+        replay = sum(b.records for b in self._replay)
+        return self._mem_records + self._spill.pending_records + inflight + self._packing + replay
 
     def _report(self) -> DeliveryReport:
         pending = self._pending()
@@ -307,7 +339,9 @@ class LossReporter:
             pending_records=pending,
             spilled_records=self._spilled,
             invalid_records=self._invalid,
-            spill_path=str(self._spill_path) if pending and self._spill_path.exists() else None,
+            overflow_records=self._overflow,
+            replayed_batches=self._replayed,
+            spill_path=str(self._spill.path) if pending and self._spill.path.exists() else None,
             error=self._fatal or self._error,
         )
 
@@ -355,15 +389,6 @@ class LossReporter:
                         self.run, self.rank, dropped)
         return records, dropped
 
-    def _append_frames(self, frames: list[tuple[int, bytes]]) -> None:
-        with open(self._spill_path, "ab") as f:
-            for seq, payload in frames:
-                f.write(_FRAME.pack(_MAGIC, seq, len(payload)))
-                f.write(payload)
-        for _, payload in frames:
-            self._spill_size += _FRAME.size + len(payload)
-            self._spill_pending += len(payload) // RECORD_SIZE
-
     def _spill_memory(self) -> None:
         frames = []
         while self._mem_records:
@@ -371,89 +396,63 @@ class LossReporter:
             self._invalid += dropped
             if len(recs):
                 frames.append((self._next_seq(), recs.tobytes()))
-                self._spilled += len(recs)
-        self._append_frames(frames)
+        try:
+            self._spill.append(frames)
+            self._spilled += sum(len(p) // RECORD_SIZE for _, p in frames)
+        except SpillFull:
+            # Bounded disk beats a full one: these records are lost, and said to be.
+            lost = sum(len(p) // RECORD_SIZE for _, p in frames)
+            self._overflow += lost
+            log.error("loss reporter %s/%d: spill file %s is at its cap of %d bytes: dropped "
+                      "%d records", self.run, self.rank, self._spill.path, self._spill.max_bytes,
+                      lost)
+            return
         now = time.monotonic()
         if now - self._last_spill_log > 10.0:
             self._last_spill_log = now
             log.warning("loss reporter %s/%d: over %d buffered records (Redis slow or "
                         "unreachable: %s), spilling to %s", self.run, self.rank,
                         self.max_buffer_records, self._error or "no error yet",
-                        self._spill_path)
+                        self._spill.path)
 
-    def _read_frame(self, offset: int) -> tuple[int, bytes, int]:
-        with open(self._spill_path, "rb") as f:
-            f.seek(offset)
-            magic, seq, nbytes = _FRAME.unpack(f.read(_FRAME.size))
-            if magic != _MAGIC:
-                raise ReporterError(f"corrupt spill file {self._spill_path} at byte {offset}")
-            payload = f.read(nbytes)
-        return seq, payload, offset + _FRAME.size + nbytes
-
-    def _adopt_orphans(self) -> None:
+    def _adopt_orphans(self, frames: list[tuple[int, bytes]]) -> None:
         # Spill files left by an earlier reporter of this run and rank: their frames keep their
         # numbers (lower than ours), so resending them is safe even if some were delivered.
-        frames: list[tuple[int, bytes]] = []
-        for path in self._orphans:
-            try:
-                data = path.read_bytes()
-            except OSError:
-                continue
-            off = 0
-            while off + _FRAME.size <= len(data):
-                magic, seq, nbytes = _FRAME.unpack_from(data, off)
-                if magic != _MAGIC or off + _FRAME.size + nbytes > len(data):
-                    break  # a torn last frame was never acknowledged to anyone: drop it
-                frames.append((seq, data[off + _FRAME.size: off + _FRAME.size + nbytes]))
-                off += _FRAME.size + nbytes
         if frames:
-            frames.sort(key=lambda f: f[0])
             if frames[-1][0] >= self._first_seq:
                 raise ReporterError(
                     f"spill files {self._orphans} hold sequence numbers above this reporter's "
                     "start (clock went backwards?): pass seq_start"
                 )
-            self._append_frames(frames)
-            n = sum(len(p) // RECORD_SIZE for _, p in frames)
+            self._spill.rewrite(frames)
+            n = self._spill.pending_records
             self._reported += n
             log.warning("loss reporter %s/%d: resending %d records from %d old spill file(s)",
                         self.run, self.rank, n, len(self._orphans))
         for path in self._orphans:
-            with contextlib.suppress(OSError):
-                path.unlink()
+            if path != self._spill.path:
+                path.unlink(missing_ok=True)
 
     def _persist_all(self) -> None:
-        """Rewrites the spill file as: in-flight batch, unsent frames, memory (oldest first)."""
-        frames: list[tuple[int, bytes]] = []
+        """Rewrites the spill file as: replays, in-flight batch, unsent frames, memory."""
+        frames: list[tuple[int, bytes]] = [(b.seq, b.payload) for b in self._replay]
         if self._inflight is not None and not self._inflight.from_spill:
             frames.append((self._inflight.seq, self._inflight.payload))
-        off = self._spill_read
-        while off < self._spill_size:
-            seq, payload, off = self._read_frame(off)
-            frames.append((seq, payload))
+        frames += self._spill.unsent()
         while self._mem_records:
             recs, dropped = self._pack(self._take_items(self.max_batch_records))
             self._invalid += dropped
             if len(recs):
                 frames.append((self._next_seq(), recs.tobytes()))
-        tmp = self._spill_path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            for seq, payload in frames:
-                f.write(_FRAME.pack(_MAGIC, seq, len(payload)))
-                f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(self._spill_path)
+        self._spill.rewrite(frames)
         self._inflight = None
-        self._spill_read = 0
-        self._spill_size = sum(_FRAME.size + len(p) for _, p in frames)
-        self._spill_pending = sum(len(p) // RECORD_SIZE for _, p in frames)
+        self._replay.clear()
 
     # -- the sender thread -----------------------------------------------------------------
 
     def _send_wait(self) -> float | None:
         """Seconds until the sender should send (0: now), or None when there is nothing."""
-        if self._inflight is not None or self._spill_read < self._spill_size:
+        if self._inflight is not None or self._replay or self._spill.has_unsent:
             return 0.0
         if not self._mem_records:
             return None
@@ -462,9 +461,12 @@ class LossReporter:
         return max(0.0, self._mem_since + self.linger_s - time.monotonic())
 
     def _next_batch(self) -> _Batch | None:
-        """The in-flight batch, else the next spilled frame, else None (under the lock)."""
-        if self._inflight is None and self._spill_read < self._spill_size:
-            seq, payload, nxt = self._read_frame(self._spill_read)
+        """A batch to resend, else the in-flight batch, else the next spilled frame, else None
+        (under the lock)."""
+        if self._replay:
+            return self._replay[0]
+        if self._inflight is None and self._spill.has_unsent:
+            seq, payload, nxt = self._spill.read(self._spill.read_offset)
             self._inflight = _Batch(seq, payload, len(payload) // RECORD_SIZE, True, nxt)
         return self._inflight
 
@@ -499,21 +501,40 @@ class LossReporter:
             return self._inflight
 
     def _delivered_batch(self, batch: _Batch, appended: bool) -> None:
-        self._delivered += batch.records
-        if appended:
-            self._delivered_batches += 1
+        now = time.monotonic()
+        if self._replay and batch is self._replay[0]:
+            self._replay.popleft()
+            self._replayed += 1
         else:
-            self._duplicates += 1
-        if batch.from_spill:
-            self._spill_read = batch.next_offset
-            self._spill_pending -= batch.records
-            if self._spill_read >= self._spill_size:
-                # Drained: start the file afresh so it does not grow for ever.
-                self._spill_path.unlink(missing_ok=True)
-                self._spill_read = self._spill_size = 0
-        self._inflight = None
+            self._delivered += batch.records
+            if appended:
+                self._delivered_batches += 1
+            else:
+                self._duplicates += 1
+            if batch.from_spill:
+                self._spill.sent(batch.next_offset, batch.records)
+            self._inflight = None
+        batch.delivered_at = now
+        self._acked = batch.seq if self._acked is None else max(self._acked, batch.seq)
+        self._recent.append(batch)
+        while self._recent and now - self._recent[0].delivered_at > self.replay_window_s:
+            self._recent.popleft()
         self._error = None
         self._cond.notify_all()
+
+    def _queue_lost_batches(self, last: int) -> None:
+        """Queues the recent batches the store lost (those after `last`) to be sent first."""
+        with self._cond:
+            self._acked = last if last >= 0 else None
+            lost = [b for b in self._recent if b.seq > last]
+            self._recent = deque(b for b in self._recent if b.seq <= last)
+            queued = {b.seq for b in self._replay}
+            lost = [b for b in lost if b.seq not in queued]
+            if lost:
+                log.warning("loss reporter %s/%d: the store lost %d delivered batch(es) (Redis "
+                            "restarted?): sending them again", self.run, self.rank, len(lost))
+                self._replay.extendleft(reversed(lost))
+                self._replay = deque(sorted(self._replay, key=lambda b: b.seq))
 
     def _prepare(self) -> None:
         """Registers (or checks) the run and checks sequence numbers have not gone back."""
@@ -553,8 +574,11 @@ class LossReporter:
                     if batch is None:
                         continue  # every record had a bad id
                 batch.attempts += 1
-                appended = self._store.ingest(self.run, self.rank, batch.seq, batch.payload)
-                if not appended and batch.attempts == 1 and batch.seq >= self._first_seq:
+                replay = bool(self._replay) and batch is self._replay[0]
+                appended = self._store.ingest(self.run, self.rank, batch.seq, batch.payload,
+                                              after=None if replay else self._acked)
+                if (not appended and batch.attempts == 1 and batch.seq >= self._first_seq
+                        and not replay):
                     # Our own batch, never sent before, yet the store has a later one from
                     # this rank: a second reporter is using it, and its batches would hide ours.
                     raise ReporterError(
@@ -564,6 +588,10 @@ class LossReporter:
                 with self._cond:
                     self._delivered_batch(batch, appended)
                 backoff = 0.02
+            except LostBatchesError as e:
+                if batch is not None:
+                    batch.attempts -= 1  # not sent: the next try is its first
+                self._queue_lost_batches(e.last)
             except _TRANSIENT as e:
                 with self._cond:
                     self._error = f"{type(e).__name__}: {e}"
@@ -571,12 +599,13 @@ class LossReporter:
                 backoff = min(backoff * 2, 1.0)
             except UnknownRunError as e:
                 if self.num_samples is not None:
-                    # Registered before, gone now (Redis lost its data): register again.
+                    # Registered before, gone now (Redis lost its data): register again, and
+                    # send again what it lost.
                     self._ready = False
                     continue
                 self._set_fatal(e)
                 return
-            except (StoreError, ReporterError) as e:
+            except (StoreError, ReporterError, SpillError) as e:
                 self._set_fatal(e)
                 return
             except Exception as e:  # a bug must stop delivery loudly, not kill it silently
@@ -589,17 +618,3 @@ class LossReporter:
             self._fatal = f"{type(e).__name__}: {e}"
             self._cond.notify_all()
         log.error("loss reporter %s/%d stopped: %s", self.run, self.rank, e)
-
-
-def read_spill(path: str | Path) -> list[tuple[int, np.ndarray]]:
-    """The frames of a spill file as (seq, records), for inspection."""
-    data = Path(path).read_bytes()
-    frames, off = [], 0
-    while off + _FRAME.size <= len(data):
-        magic, seq, nbytes = _FRAME.unpack_from(data, off)
-        if magic != _MAGIC:
-            raise ValueError(f"{path}: not a spill file (byte {off})")
-        start = off + _FRAME.size
-        frames.append((seq, np.frombuffer(data[start:start + nbytes], dtype=RECORD_DTYPE)))
-        off = start + nbytes
-    return frames

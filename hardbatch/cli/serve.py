@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import signal
+import sys
 from typing import Any
 
 import click
@@ -26,15 +29,18 @@ _token_option = click.option(
               help="Redis with the loss store [env HARDBATCH_REDIS_URL; none: start one here].")
 @click.option("--auth-reads/--no-auth-reads", default=None,
               help="Make read endpoints need the token too [env HARDBATCH_AUTH_READS].")
+@click.option("--insecure", is_flag=True,
+              help="Allow listening on a non-loopback address without HARDBATCH_API_TOKEN.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 def serve_cmd(host: str | None, port: int | None, redis_url: str | None,
-              auth_reads: bool | None, log_level: str) -> None:
+              auth_reads: bool | None, insecure: bool, log_level: str) -> None:
     """Run the sampler service (REST hardness queries and batch plans) under uvicorn.
 
     Every setting also comes from HARDBATCH_* environment variables (see
     services/core/config.py); the token only from HARDBATCH_API_TOKEN, so it never shows in a
-    process list.
+    process list. Listening beyond loopback needs the token (or --insecure). SIGTERM and
+    SIGINT stop the service and the Redis it started, if it started one.
     """
     import uvicorn
 
@@ -48,6 +54,14 @@ def serve_cmd(host: str | None, port: int | None, redis_url: str | None,
         settings = Settings(**overrides)
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
+    if not insecure and settings.token() is None and not _loopback(settings.host):
+        raise click.UsageError(
+            f"refusing to listen on {settings.host} without a token: anyone who reaches it "
+            "could change plan configs and delete runs. Set HARDBATCH_API_TOKEN, listen on "
+            "127.0.0.1, or pass --insecure")
+    # uvicorn stops on SIGTERM, then raises the signal again once its own handler is gone:
+    # with the default handler that kills the process before the embedded Redis is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with redis_url_or_embedded(settings.redis_url, tcp=False) as url:
         if settings.redis_url is None:
             click.echo(f"no Redis configured: started one at {url}", err=True)
@@ -98,3 +112,12 @@ def top_cmd(run: str, k: int, easiest: bool, by: str, service: str, token: str |
     if not rows:
         click.echo("(no sample scored yet)")
 
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -53,12 +53,30 @@ def export_cmd(run: str, out: str, with_log: bool, redis_url: str | None, timeou
 
 @click.command("runs")
 @click.argument("run", required=False)
+@click.option("--delete", "delete", metavar="RUN", default=None,
+              help="Delete RUN: every key it has in Redis, and its spill files on this machine.")
+@click.option("--spill-dir", type=click.Path(file_okay=False), default=None,
+              help="Spill-file root the reporters used (default: the private temp folder).")
 @click.option("--redis-url", envvar=ENV_URL, help=_URL_HELP)
-def runs_cmd(run: str | None, redis_url: str | None) -> None:
-    """List the loss store's runs, or show RUN's counters as JSON."""
-    from hardbatch.services.store import StoreError
+def runs_cmd(run: str | None, delete: str | None, spill_dir: str | None,
+             redis_url: str | None) -> None:
+    """List the loss store's runs, show RUN's counters as JSON, or --delete a run."""
+    from hardbatch.services.store import StoreError, check_run_name
+    from hardbatch.trainer.spill import remove_run_spills
 
     store = _store(redis_url)
+    if delete is not None:
+        try:
+            check_run_name(delete)
+        except StoreError as e:
+            raise click.BadParameter(str(e), param_hint="--delete") from None
+        existed = store.has_run(delete)
+        removed = store.delete_run(delete)
+        spills = remove_run_spills(spill_dir, delete)
+        if not existed and not removed and not spills:
+            raise click.ClickException(f"unknown run {delete!r}")
+        click.echo(f"deleted run {delete}: {removed} Redis keys, {spills} spill files")
+        return
     if run is None:
         for name in store.runs():
             click.echo(name)

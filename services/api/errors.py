@@ -1,16 +1,29 @@
-"""Errors as clear 4xx/503 answers, and the request body size limit."""
+"""Errors as clear 4xx/503 answers, strict JSON bodies, and the request body size limit.
+
+JSON as Python reads it accepts `NaN`, `Infinity` and `1e400` (which becomes infinity), and
+integers of any length up to a 4,300-digit limit whose breach is not a JSON error. None of
+these is valid JSON or a valid value of any field here: `StrictJSONRoute` refuses them as
+malformed JSON (422), and validation errors are made safe to render, whatever input they echo.
+"""
 
 from __future__ import annotations
 
+import json
+import math
 import re
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import redis
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
 from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from hardbatch.services.live_runs import RunNotReadyError
 from hardbatch.services.store import StoreError, UnknownRunError
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -36,6 +49,11 @@ def install_error_handlers(app: FastAPI) -> None:
                                     headers={"Allow": ", ".join(allow)})
         return await http_exception_handler(request, e)  # type: ignore[arg-type]
 
+    async def invalid_request(_: Request, e: Exception) -> JSONResponse:
+        errors = e.errors() if isinstance(e, RequestValidationError) else []
+        return JSONResponse({"detail": _json_safe(jsonable_encoder(errors))}, status_code=422)
+
+    app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(StarletteHTTPException, method_not_allowed)
     app.add_exception_handler(UnknownRunError, unknown_run)
     app.add_exception_handler(StoreError, bad_input)
@@ -119,3 +137,87 @@ class BodySizeLimit:
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
+
+
+# -- strict JSON ---------------------------------------------------------------------------
+
+MAX_INT_DIGITS = 100  # no field takes more; Python's own limit (4,300) raises a non-JSON error
+
+
+def _bad_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number (use a finite number)")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range for a 64-bit float")
+    return value
+
+
+def _short_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(f"an integer of {len(text.lstrip('-'))} digits (at most "
+                         f"{MAX_INT_DIGITS})")
+    return int(text)
+
+
+def strict_json_loads(body: bytes | str) -> Any:
+    """`json.loads` that refuses NaN, infinities, floats out of range and huge integers,
+    with a `json.JSONDecodeError` (what FastAPI answers 422 to)."""
+    doc = body.decode("utf-8", errors="replace") if isinstance(body, bytes) else body
+    try:
+        return json.loads(doc, parse_constant=_bad_constant, parse_float=_finite_float,
+                          parse_int=_short_int)
+    except json.JSONDecodeError:
+        raise
+    except (ValueError, RecursionError) as e:
+        raise json.JSONDecodeError(str(e), doc, 0) from None
+
+
+class _StrictJSONRequest(Request):
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            self._json = strict_json_loads(await self.body())
+        return self._json
+
+
+class StrictJSONRoute(APIRoute):
+    """A route whose JSON body is parsed by `strict_json_loads` (every router uses it)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def strict(request: Request) -> Response:
+            return await handler(_StrictJSONRequest(request.scope, request.receive))
+
+        return strict
+
+
+def _json_safe(value: Any) -> Any:
+    """Validation errors echo the input: non-finite floats and huge ints become strings."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**63:
+        return "an integer too large to echo"
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+class SampleIdConvertor(Convertor[Any]):
+    """`{x:sample_id}`: digits only (like `int`), but a number too long for Python's int()
+    is handed on as text, for validation to refuse with a 422 instead of a crash."""
+
+    regex = "[0-9]+"
+
+    def convert(self, value: str) -> Any:
+        return int(value) if len(value) <= MAX_INT_DIGITS else value
+
+    def to_string(self, value: Any) -> str:
+        return str(value)
+
+
+register_url_convertor("sample_id", SampleIdConvertor())

@@ -49,6 +49,16 @@ class Settings(BaseSettings):
         default=7 * 24 * 3600, ge=1, description="How long composed rounds stay in Redis."
     )
     plan_cache_rounds: int = Field(default=16, ge=1, description="Composed rounds kept in memory.")
+    plan_grace_s: int = Field(
+        default=3600, ge=1,
+        description="How long a round stays in Redis once every rank has fetched it (a worker "
+                    "group that restarts fetches it again).")
+    plan_max_rounds: int = Field(default=16, ge=1, description="Rounds a run keeps in Redis.")
+    idle_evict_s: float = Field(
+        default=900.0, gt=0, description="Unload a run's table after this long without requests.")
+    redis_timeout_s: float = Field(
+        default=5.0, gt=0, description="Redis socket timeout: a stalled Redis fails requests "
+                                       "that need it (503) after this long instead of hanging.")
 
     # Default plan config of a run (a run can override it through its plan-config endpoint);
     # the defaults are PlanConfig's own, so the two cannot drift apart.

@@ -124,7 +124,7 @@ def test_compose_topology() -> None:
     data_dir = redis["environment"]["HARDBATCH_REDIS_DATA"]
     assert any(v.split(":")[1] == data_dir and v.split(":")[0] in _compose()["volumes"]
                for v in redis["volumes"])
-    assert "env_file" not in redis, "Redis needs no token"
+    assert redis["env_file"] == sampler["env_file"], "Redis gets its password from the env file"
     # The sampler waits for a healthy Redis, is healthy once /readyz is, reads the tokens.
     assert sampler["depends_on"]["redis"]["condition"] == "service_healthy"
     assert "/readyz" in (DEPLOY / "healthcheck.sh").read_text()
@@ -313,7 +313,7 @@ def test_kubernetes_objects_refer_to_each_other_correctly() -> None:
     (pvc,) = _by_kind("PersistentVolumeClaim")
     services = {s["metadata"]["name"]: s for s in _by_kind("Service")}
     keys = set(secret["stringData"])
-    assert keys == {"auth_token", "api_token"}
+    assert keys == {"auth_token", "api_token", "redis_password"}
     assert all(v.startswith("REPLACE-") for v in secret["stringData"].values()), \
         "secret.yaml must hold placeholders, never real tokens"
     assert job["spec"]["rayClusterSpec"]["authOptions"]["secretName"] == secret["metadata"]["name"]
@@ -405,3 +405,17 @@ def test_sampler_entrypoint_refuses_an_embedded_store(tmp_path: Path) -> None:
 def test_train_job_rejects_a_bad_run_name(tmp_path: Path) -> None:
     r = _run("train-job.sh", {"RAY_AUTH_MODE": "disabled", "HARDBATCH_RUN": "a b/c"}, tmp_path)
     assert r.returncode == 2 and "HARDBATCH_RUN" in r.stderr, r.stderr
+
+
+def test_make_env_writes_a_redis_password_and_redis_refuses_to_run_open(tmp_path: Path) -> None:
+    env_file = tmp_path / "hb.env"
+    r = subprocess.run([str(DEPLOY / "make-env.sh"), str(env_file)], capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    values = dict(line.split("=", 1) for line in env_file.read_text().splitlines()
+                  if line and not line.startswith("#"))
+    assert len(values["HARDBATCH_REDIS_PASSWORD"]) == 64
+    assert env_file.stat().st_mode & 0o077 == 0
+    r = _run("redis.sh", {"HARDBATCH_REDIS_DATA": str(tmp_path / "data"),
+                          "HARDBATCH_REDIS_BIND": "0.0.0.0"}, tmp_path)
+    assert r.returncode == 2 and "HARDBATCH_REDIS_PASSWORD" in r.stderr, r.stderr

@@ -115,12 +115,16 @@ def test_two_node_job_trains_on_service_plans(network: Network) -> None:
     service_url = f"http://{head.ip}:8000"
     node = {"HARDBATCH_NUM_CPUS": "1", "HARDBATCH_OBJECT_STORE_BYTES": str(100 << 20),
             "HARDBATCH_RAY_PORT": "6379"}
-    redis_env = {"HARDBATCH_REDIS_BIND": head.ip, "HARDBATCH_REDIS_DATA": str(work / "redis")}
-    sampler_env = {"HARDBATCH_HOST": head.ip, "HARDBATCH_PORT": "8000",
+    # As deploy/make-env.sh writes it: Redis refuses a public bind without one.
+    secret = {"HARDBATCH_REDIS_PASSWORD": "multinode-test-password"}
+    redis_env = {"HARDBATCH_REDIS_BIND": head.ip, "HARDBATCH_REDIS_DATA": str(work / "redis"),
+                 **secret}
+    sampler_env = {**secret, "HARDBATCH_HOST": head.ip, "HARDBATCH_PORT": "8000",
                    "HARDBATCH_REDIS_URL": redis_url, "HARDBATCH_REFRESH_S": "0.5",
                    # No snapshot, so the log keeps every record with its rank for the checks.
                    "HARDBATCH_SNAPSHOT_INTERVAL_S": "3600"}
-    head_env = {**node, "HARDBATCH_NODE_IP": head.ip, "HARDBATCH_RAY_TEMP_DIR": str(work / "rh")}
+    head_env = {**node, **secret, "HARDBATCH_NODE_IP": head.ip,
+                "HARDBATCH_RAY_TEMP_DIR": str(work / "rh")}
 
     started = [
         net.start("redis", head, [str(DEPLOY / "redis.sh")], redis_env),
@@ -136,6 +140,7 @@ def test_two_node_job_trains_on_service_plans(network: Network) -> None:
 
     # The job waits for the worker node itself: STRICT_SPREAD cannot place 2 ranks on 1 node.
     job = net.run(head, [str(DEPLOY / "train-job.sh")], {
+        **secret,
         "HARDBATCH_JOB_ADDRESS": f"http://{head.ip}:8265",
         "HARDBATCH_SERVICE_URL": service_url,
         "HARDBATCH_REDIS_URL": redis_url,
@@ -160,7 +165,7 @@ def test_two_node_job_trains_on_service_plans(network: Network) -> None:
 
     probe = net.run(head, [sys.executable, str(REPO / "tests" / "deploy" / "probe.py"),
                            "--redis", redis_url, "--service", service_url, "--run", RUN],
-                    timeout_s=60)
+                    secret, timeout_s=60)
     assert probe.returncode == 0, probe.stderr[-3000:]
     found = json.loads(probe.stdout)
 

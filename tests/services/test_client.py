@@ -33,25 +33,6 @@ def test_plan_over_arrow_matches_json(client, service, filled):
     assert np.array_equal(plan.losses[seen], table.last_loss[plan.ids][seen])
 
 
-def test_prefetch_yields_consecutive_rounds(client, filled):
-    run, _ = filled
-    with client.prefetch(run, rank=0, world_size=1, start_round=50, batches=2, batch_size=10,
-                         depth=2, rounds=4) as plans:
-        got = list(plans)
-    assert [p.round for p in got] == [50, 51, 52, 53]
-    direct = client.plan(run, rank=0, world_size=1, round=52, batches=2, batch_size=10)
-    assert np.array_equal(got[2].ids, direct.ids)
-
-
-def test_prefetch_raises_service_errors(client):
-    with client.prefetch("ghost", rank=0, world_size=1, start_round=0, batches=1,
-                         batch_size=1) as plans, pytest.raises(SamplerError) as err:
-        next(plans)
-    assert err.value.status == 404
-    with pytest.raises(StopIteration):
-        next(plans)
-
-
 def test_unreachable_service_is_a_sampler_error():
     with SamplerClient(f"http://127.0.0.1:{free_port()}", timeout_s=2) as c, \
             pytest.raises(SamplerError) as err:

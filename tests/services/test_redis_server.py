@@ -105,3 +105,26 @@ def test_embedded_server_stops_when_the_interpreter_exits() -> None:
     assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(
         f"/proc/{pid}/status").read_text().lower()
     assert not Path(directory).exists()
+
+
+def test_supervised_server_comes_back_with_its_data_after_a_crash(tmp_path) -> None:
+    import time
+
+    import redis as redis_lib
+    from hardbatch.services.redis_server import EmbeddedRedis
+
+    server = EmbeddedRedis(tcp=True, appendonly=True, data_dir=tmp_path / "aof", supervise=True)
+    server.start()
+    try:
+        client = redis_lib.Redis.from_url(server.url)
+        client.set("k", "v")
+        time.sleep(1.2)  # appendfsync everysec
+        server.kill()
+        deadline = time.monotonic() + 20
+        while server.restarts == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert server.restarts == 1 and client.get("k") == b"v"
+        assert list((tmp_path / "aof").glob("appendonly*"))
+    finally:
+        server.stop()
+    assert not server.running

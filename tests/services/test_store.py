@@ -15,6 +15,7 @@ import pytest
 import redis
 from hardbatch.sampler.hardness import HardnessTable, split_valid
 from hardbatch.sampler.records import RECORD_SIZE, pack, to_bytes
+from hardbatch.services import keys
 from hardbatch.services.materializer import Materializer
 from hardbatch.services.store import (
     CHUNK_SAMPLES,
@@ -22,7 +23,6 @@ from hardbatch.services.store import (
     RunSizeMismatchError,
     StoreError,
     UnknownRunError,
-    log_key,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -229,8 +229,8 @@ def test_log_lost_without_snapshot_is_an_error_not_a_wrong_table(store: LossStor
     m = Materializer(store, "r")
     ingest_all(store, "r", batches[3:], start=3)
     # Simulate a store that lost entries (e.g. restarted without persistence).
-    first = store.client.xrange(log_key("r"), count=2)
-    store.client.xdel(log_key("r"), first[0][0], first[1][0])
+    first = store.client.xrange(keys.log("r"), count=2)
+    store.client.xdel(keys.log("r"), first[0][0], first[1][0])
     before = m.table.copy()
     with pytest.raises(StoreError, match="no snapshot covers the gap"):
         m.poll()

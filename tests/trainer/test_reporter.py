@@ -18,7 +18,8 @@ from hardbatch.sampler.records import pack
 from hardbatch.services.materializer import Materializer
 from hardbatch.services.redis_server import EmbeddedRedis
 from hardbatch.services.store import LossStore
-from hardbatch.trainer.reporter import LossReporter, ReporterError, read_spill
+from hardbatch.trainer.reporter import LossReporter, ReporterError
+from hardbatch.trainer.spill import read_spill
 from hardbatch.trainer.train import TrainConfig, fit
 
 
@@ -92,7 +93,7 @@ def test_delivers_everything_once(redis_client: redis.Redis, redis_url: str,
     assert m.table.equals(reference_table(rec.batches, 1000))
     info = LossStore(redis_client).run_info("r")
     assert info.records == 50 * 64 and list(info.ranks) == [2]
-    assert not list(spill_dir.iterdir())
+    assert not list(spill_dir.rglob("*.spill"))
 
 
 def test_report_never_waits_for_a_slow_or_dead_redis(spill_dir: Path) -> None:
@@ -125,9 +126,9 @@ def test_buffers_and_spills_until_redis_appears_then_delivers_once(
         rec.report(*random_batch(rng, 500, 100), step, 0)
     # The sender thread spills, within one retry interval (never the training thread).
     deadline = time.monotonic() + 5
-    while not list(spill_dir.iterdir()) and time.monotonic() < deadline:
+    while not list(spill_dir.rglob("*.spill")) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert list(spill_dir.iterdir()), "past the bound the records go to disk"
+    assert list(spill_dir.rglob("*.spill")), "past the bound the records go to disk"
     restartable.start()
     for step in range(60, 80):
         rec.report(*random_batch(rng, 500, 100), step, 1)
@@ -135,7 +136,7 @@ def test_buffers_and_spills_until_redis_appears_then_delivers_once(
     assert report.ok, report
     assert report.delivered_records == 80 * 100 and report.spilled_records > 0
     assert materialize(restartable.url, "r").table.equals(reference_table(rec.batches, 500))
-    assert not list(spill_dir.iterdir())
+    assert not list(spill_dir.rglob("*.spill"))
 
 
 def test_redis_killed_and_restarted_mid_stream(restartable: EmbeddedRedis,
@@ -226,7 +227,7 @@ def test_left_over_spill_is_sent_by_the_next_reporter_without_duplicates(
     assert report.delivered_records == 500 + 250
     assert materialize(redis_url, "r").table.equals(reference_table(rec.batches, 300))
     assert store.run_info("r").records == 750
-    assert not list(spill_dir.iterdir())
+    assert not list(spill_dir.rglob("*.spill"))
 
 
 def test_bad_input_is_refused_in_the_caller(redis_url: str, redis_client: redis.Redis,
@@ -323,3 +324,107 @@ def test_two_reporters_on_one_rank_is_an_error_not_a_silent_loss(
     report = first.close(10)
     assert "another reporter is using this rank" in (report.error or "")
     assert LossStore(redis_client).run_info("r").records == 2
+
+
+def test_redis_restart_that_loses_its_last_writes_loses_no_record(
+        restartable: EmbeddedRedis, spill_dir: Path) -> None:
+    """Redis comes back from an older append-only file (as after a crash of the machine, when
+    the last second was not on disk yet): the reporter sends the lost batches again, and a
+    consumer that had applied them rebuilds its table instead of counting them twice."""
+    restartable.start()
+    url = restartable.url
+    store = LossStore.from_url(url)
+    store.register_run("lost", 3000)
+    consumer = Materializer(LossStore.from_url(url), "lost", snapshot_interval_s=0.2)
+    consumer.start(block_ms=50)
+    rep = LossReporter(url, "lost", spill_dir=spill_dir, max_batch_records=200, linger_s=0.0,
+                       replay_window_s=30.0)
+    rec = Recording(rep)
+    rng = np.random.default_rng(7)
+
+    def aof_files() -> list[Path]:  # appendonlydir/ (Redis 7) or appendonly.aof (older)
+        return list(restartable.data_dir.glob("appendonly*"))
+    for step in range(40):
+        rec.report(*random_batch(rng, 3000, 100), step, 0)
+    assert rep.flush(30).ok
+    time.sleep(0.5)  # a snapshot or two
+    saved = Path(tempfile.mkdtemp(prefix="hbaof-"))
+    for p in aof_files():
+        (shutil.copytree if p.is_dir() else shutil.copy)(p, saved / p.name)
+    for step in range(40, 80):
+        rec.report(*random_batch(rng, 3000, 100), step, 0)
+    assert rep.flush(30).ok
+    deadline = time.monotonic() + 30
+    while consumer.stats().consumed_records < 8000 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert consumer.stats().consumed_records == 8000
+    restartable.kill()
+    for p in aof_files():
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    for p in saved.iterdir():
+        (shutil.copytree if p.is_dir() else shutil.copy)(p, restartable.data_dir / p.name)
+    shutil.rmtree(saved)
+    restartable.start()
+    assert store.run_info("lost").records < 8000, "the restart lost writes"
+    for step in range(80, 100):
+        rec.report(*random_batch(rng, 3000, 100), step, 0)
+    report = rep.close(60)
+    assert report.ok and report.replayed_batches > 0, report
+    expected_records = 100 * 100
+    deadline = time.monotonic() + 30
+    while (store.run_info("lost").consumed_records < expected_records
+           and time.monotonic() < deadline):
+        time.sleep(0.05)
+    consumer.stop()
+    assert store.run_info("lost").records == expected_records
+    assert consumer.reloads >= 1
+    assert int(consumer.table.seen.sum()) == expected_records
+    assert int(materialize(url, "lost").table.seen.sum()) == expected_records
+
+
+def test_spill_files_of_runs_whose_names_extend_each_other_stay_apart(spill_dir: Path) -> None:
+    dead = "unix:///tmp/hb-nothing-here.sock"
+    rng = np.random.default_rng(4)
+    a = LossReporter(dead, "a", spill_dir=spill_dir, max_batch_records=50, seq_start=10)
+    b = LossReporter(dead, "a-r0", spill_dir=spill_dir, max_batch_records=50, seq_start=10)
+    a.report(*random_batch(rng, 100, 50), 0, 0)
+    b.report(*random_batch(rng, 100, 30), 0, 0)
+    left_a, left_b = a.close(0.1), b.close(0.1)
+    assert left_a.pending_records == 50 and left_b.pending_records == 30
+    # The next reporter of run "a", rank 0 adopts only run "a"'s records.
+    nxt = LossReporter(dead, "a", spill_dir=spill_dir, seq_start=1000, start=False)
+    assert nxt._report().reported_records == 50
+    nxt.close(0.1)
+    mode = (spill_dir / "a").stat().st_mode & 0o777
+    assert mode == 0o700 and (spill_dir.stat().st_mode & 0o777) == 0o700
+
+
+def test_spill_file_is_capped_in_bytes(spill_dir: Path) -> None:
+    rep = LossReporter("unix:///tmp/hb-nothing-here.sock", "capped", spill_dir=spill_dir,
+                       max_buffer_records=100, max_batch_records=100, max_spill_bytes=5_000)
+    rng = np.random.default_rng(5)
+    for step in range(20):
+        rep.report(*random_batch(rng, 100, 100), step, 0)
+        time.sleep(0.05)
+    time.sleep(1.5)
+    report = rep.close(0.1)
+    assert report.overflow_records > 0 and not report.ok, report
+    assert report.spilled_records * 17 <= 5_000
+    assert all(p.stat().st_size <= 5_000 for p in spill_dir.rglob("*.spill"))
+
+
+def test_deleting_a_run_removes_its_spill_files(spill_dir: Path, redis_url: str,
+                                                redis_client: redis.Redis) -> None:
+    from click.testing import CliRunner
+
+    from hardbatch.cli import main
+
+    LossStore(redis_client).register_run("del", 10)
+    rep = LossReporter("unix:///tmp/hb-nothing-here.sock", "del", spill_dir=spill_dir)
+    rep.report([1, 2], [1.0, 2.0], [True, False], 0, 0)
+    assert rep.close(0.1).spill_path
+    r = CliRunner().invoke(main, ["runs", "--delete", "del", "--redis-url", redis_url,
+                                  "--spill-dir", str(spill_dir)])
+    assert r.exit_code == 0, r.output
+    assert "1 spill files" in r.output and not list(spill_dir.rglob("*.spill"))
+    assert LossStore(redis_client).runs() == []

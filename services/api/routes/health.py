@@ -6,10 +6,11 @@ import redis
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, PlainTextResponse
 from hardbatch.services.api.deps import State, require_read
+from hardbatch.services.api.errors import StrictJSONRoute
 from hardbatch.services.api.schemas import ErrorBody, Health, Readiness
 from hardbatch.services.metrics import render_metrics
 
-router = APIRouter(tags=["health"])
+router = APIRouter(tags=["health"], route_class=StrictJSONRoute)
 
 
 @router.get("/healthz", response_model=Health)
@@ -21,14 +22,16 @@ async def healthz() -> Health:
 @router.get("/readyz", response_model=Readiness,
             responses={503: {"model": Readiness, "description": "Not ready yet"}})
 def readyz(state: State) -> JSONResponse:
-    """Ready when Redis answers and every known run's table is loaded."""
+    """Ready when Redis answers and every loaded run's table follows its log.
+
+    A run whose table is loading, failed to load, or whose background reads keep failing
+    (e.g. Redis out of memory) is listed with the reason, and makes the answer 503.
+    """
     try:
         redis_ok = bool(state.store.client.ping())
     except redis.RedisError:
         redis_ok = False
-    runs = {}
-    for r in state.runs.loaded():
-        runs[r.run] = "ready" if r.ready else (f"error: {r.error}" if r.error else "loading")
+    runs = {r.run: r.state for r in state.runs.loaded()}
     ready = redis_ok and all(v == "ready" for v in runs.values())
     body = Readiness(ready=ready, redis=redis_ok, runs=runs)
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)

@@ -10,11 +10,12 @@ import numpy as np
 import pyarrow as pa
 from fastapi import APIRouter, Depends, Header, HTTPException, Response
 from hardbatch.services.api.deps import WRITE, State, live_run, require_write
+from hardbatch.services.api.errors import StrictJSONRoute
 from hardbatch.services.api.routes.common import RunName, errors
 from hardbatch.services.api.schemas import Plan, PlanRequest
 from hardbatch.services.plan_rounds import RoundConflictError
 
-router = APIRouter(prefix="/v1/runs", tags=["plans"])
+router = APIRouter(prefix="/v1/runs", tags=["plans"], route_class=StrictJSONRoute)
 
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
 
@@ -87,7 +88,8 @@ def compose_plan(
     r = live_run(state, run, wait_s=2.0)
     try:
         plan, _ = state.rounds.get(r, round_=body.round, world_size=body.world_size,
-                                   batches=body.batches, batch_size=body.batch_size)
+                                   batches=body.batches, batch_size=body.batch_size,
+                                   rank=body.rank)
     except RoundConflictError as e:
         state.latency.error(run, 409)
         raise HTTPException(status_code=409, detail=str(e)) from None

@@ -1,15 +1,16 @@
-"""Runs: the list, one run's counters and its plan config."""
+"""Runs: the list, one run's counters, its plan config, and deleting it."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, HTTPException
+from fastapi import APIRouter, Depends, HTTPException, Response
 from hardbatch.services.api.deps import WRITE, State, live_run, require_read, require_write
+from hardbatch.services.api.errors import StrictJSONRoute
 from hardbatch.services.api.routes.common import RunName, errors
 from hardbatch.services.api.schemas import PlanConfigModel, RunDetail, RunList, RunSummary
 from hardbatch.services.live_runs import RunNotReadyError
 from hardbatch.services.store import UnknownRunError
 
-router = APIRouter(prefix="/v1/runs", tags=["runs"])
+router = APIRouter(prefix="/v1/runs", tags=["runs"], route_class=StrictJSONRoute)
 
 
 @router.get("", response_model=RunList, dependencies=[Depends(require_read)],
@@ -67,7 +68,8 @@ def get_run(run: RunName, state: State) -> RunDetail:
             dependencies=[Depends(require_read)], responses=errors(401, 404, 503))
 def get_plan_config(run: RunName, state: State) -> PlanConfigModel:
     """The plan config of a run (the service default unless one was set)."""
-    return PlanConfigModel.from_config(live_run(state, run, ready=False).plan_config)
+    live_run(state, run, ready=False)
+    return PlanConfigModel.from_config(state.runs.plan_config(run))
 
 
 @router.put("/{run}/plan-config", response_model=PlanConfigModel,
@@ -82,3 +84,18 @@ def put_plan_config(run: RunName, body: PlanConfigModel, state: State) -> PlanCo
         raise HTTPException(status_code=422, detail=str(e)) from None
     state.runs.set_plan_config(run, cfg)
     return PlanConfigModel.from_config(cfg)
+
+
+@router.delete("/{run}", status_code=204, dependencies=[Depends(require_write)],
+               openapi_extra=WRITE, responses=errors(401, 404, 503))
+def delete_run(run: RunName, state: State) -> Response:
+    """Deletes a run and every key it has in Redis: log, snapshots, plan config, rounds.
+
+    Every replica unloads its table within one refresh. Spill files of its reporters, on the
+    training machines, are removed by `hardbatch runs --delete RUN` there.
+    """
+    if not state.store.has_run(run):
+        raise HTTPException(status_code=404, detail=f"unknown run {run!r}")
+    state.store.delete_run(run)
+    state.runs.forget(run)
+    return Response(status_code=204)

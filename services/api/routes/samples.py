@@ -8,6 +8,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, HTTPException, Path, Query
 from hardbatch.sampler.hardness import HardnessTable
 from hardbatch.services.api.deps import State, live_run, require_read
+from hardbatch.services.api.errors import StrictJSONRoute
 from hardbatch.services.api.routes.common import RunName, errors
 from hardbatch.services.api.schemas import (
     HardnessField,
@@ -18,7 +19,8 @@ from hardbatch.services.api.schemas import (
     SampleList,
 )
 
-router = APIRouter(prefix="/v1/runs", tags=["samples"], dependencies=[Depends(require_read)])
+router = APIRouter(prefix="/v1/runs", tags=["samples"], dependencies=[Depends(require_read)],
+                   route_class=StrictJSONRoute)
 
 
 def _sample(table: HardnessTable, i: int) -> Sample:
@@ -29,9 +31,9 @@ def _sample(table: HardnessTable, i: int) -> Sample:
                   ema=float(table.ema[i]), last_step=int(table.last_step[i]))
 
 
-@router.get("/{run}/samples/{sample_id:int}", response_model=Sample,
+@router.get("/{run}/samples/{sample_id:sample_id}", response_model=Sample,
             responses=errors(401, 404, 422, 503))
-async def get_sample(
+def get_sample(
     run: RunName, sample_id: Annotated[int, Path(ge=0, description="Sample id in [0, N).")],
     state: State,
 ) -> Sample:
