@@ -45,8 +45,12 @@ def test_local_train_command_streams_losses_and_writes_metrics_and_plots(tmp_pat
         "train_accuracy.png", "train_loss.png", "train_kept.png"}
 
 
+# --alpha and --lam out of the service's bounds are refused here, before Redis, the service or
+# the run are brought up (they used to fail only then).
 @pytest.mark.parametrize("args", [["--epochs", "0"], ["--task-arg", "novalue"],
-                                  ["--task", "nope"]])
+                                  ["--task", "nope"], ["--alpha", "17"], ["--lam", "1.5"],
+                                  ["--alpha", "nan"], ["--optimizer", "rmsprop"],
+                                  ["--schedule", "step"], ["--grad-clip", "-1"]])
 def test_train_command_rejects_bad_arguments_with_a_usage_error(args, tmp_path):
     result = CliRunner().invoke(main, ["train", "--no-progress", "--out", str(tmp_path), *args])
     assert result.exit_code == 2, result.output

@@ -8,7 +8,7 @@ import pytest
 import torch
 from hardbatch.services.client import SamplerClient, SamplerError
 from hardbatch.services.store import LossStore
-from hardbatch.trainer.launch import local_service
+from hardbatch.trainer.driver import local_service
 from hardbatch.trainer.plan_source import RoundPlans, batches_per_round, shard_plan
 
 
