@@ -104,7 +104,7 @@ class RoundPlans:
         else:
             self.service_rounds += 1
             batches = list(torch.from_numpy(plan.ids))
-            weights = None if plan.weights is None else list(torch.from_numpy(plan.weights))
+            weights = None if plan.weights is None else list(torch.tensor(plan.weights))
         if self.rounds is not None and epoch + 1 >= self.rounds:
             return Round(batches, weights)
         at = min(int(len(batches) * self.PREFETCH_AT), len(batches) - 1)

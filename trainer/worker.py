@@ -106,7 +106,8 @@ class WorkerConfig:
 
 
 def score_dtype(precision: str, device_type: str) -> torch.dtype | None:
-    """The autocast dtype of the scoring forward, or None to leave precision as it is."""
+    """The autocast dtype of the scoring forward (float32: autocast off), or None to leave
+    precision as the caller has it."""
     if precision == "fp32":
         return torch.float32
     if precision == "bf16":
@@ -255,8 +256,10 @@ class Worker:
             self._pending = _Selection(ids, None, None, count, 1.0)
             return slice(None)
         if callable(score):
-            autocast = (torch.autocast(self.device.type, dtype=self._score_dtype)
-                        if self._score_dtype is not None else contextlib.nullcontext())
+            # fp32 turns off an autocast of the caller's; auto without fast bf16 leaves it on.
+            dtype = self._score_dtype
+            autocast = (contextlib.nullcontext() if dtype is None else torch.autocast(
+                self.device.type, dtype=dtype, enabled=dtype != torch.float32))
             with torch.inference_mode(), autocast:
                 scored = per_sample(score()).float()
         else:
