@@ -85,7 +85,9 @@ def ray_init(address: str = "") -> bool:
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         return False
-    ray.init(include_dashboard=False, runtime_env=runtime_env, log_to_driver=True)
+    # With the dashboard comes the State API, which Ray Train's placement-group cleaner polls
+    # every second: without it the cleaner cannot work and says so, once a second, all run long.
+    ray.init(include_dashboard=True, runtime_env=runtime_env, log_to_driver=True)
     return True
 
 

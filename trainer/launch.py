@@ -28,6 +28,15 @@ from hardbatch.trainer.train import RunResult
 log = logging.getLogger(__name__)
 
 
+def _quiet_train_logs() -> dict[str, Any]:
+    """Ray Train's own INFO lines (resources requested, worker group started, process group
+    set up) would come between the progress bar and the tables: warnings and errors only."""
+    import ray.train
+
+    logging_config = getattr(ray.train, "LoggingConfig", None)  # Ray Train V2 has it
+    return {} if logging_config is None else {"logging_config": logging_config("WARNING")}
+
+
 def _use_gpu(job: JobConfig) -> bool:
     return job.use_gpu == "yes" or (job.use_gpu == "auto" and torch.cuda.is_available())
 
@@ -83,7 +92,7 @@ def launch(job: JobConfig, top_k: int = 10) -> JobResult:
             run_config=RunConfig(
                 name=run, storage_path=storage,
                 failure_config=FailureConfig(max_failures=job.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                checkpoint_config=CheckpointConfig(num_to_keep=2), **_quiet_train_logs()),
         )
         if job.progress and driver.service_url:
             steps = batches_per_round(task.num_samples, job.workers, job.batch_size,
