@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from hardbatch.trainer.distributed import JobConfig
-from hardbatch.trainer.launch import _ray_init, launch
+from hardbatch.trainer.driver import ray_init
+from hardbatch.trainer.launch import launch
 from hardbatch.trainer.plots import plot_runs
 
 from benchmarks.filter import print_table, summarize
@@ -30,7 +31,7 @@ def run(quick: bool, out: Path) -> dict[str, Any]:
 
     base = JobConfig(**(QUICK if quick else FULL), workers=2, progress=False,  # type: ignore[arg-type]
                      storage=str((out / "ray").resolve()))
-    started = _ray_init("")
+    started = ray_init("")
     try:
         plain = launch(dataclasses.replace(base, filter=False, plans="local")).result
         hard = launch(dataclasses.replace(base, **HARDBATCH)).result  # type: ignore[arg-type]

@@ -8,9 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
 from click.testing import CliRunner
+from hardbatch.trainer.streaming import hardest_table
+from hardbatch.trainer.train import RunResult
 
 from hardbatch.cli import main
+from hardbatch.cli.train import print_summary
 
 
 def all_commands():
@@ -45,9 +50,27 @@ def test_local_train_command_streams_losses_and_writes_metrics_and_plots(tmp_pat
         "train_accuracy.png", "train_loss.png", "train_kept.png"}
 
 
+# --alpha and --lam out of the service's bounds are refused here, before Redis, the service or
+# the run are brought up (they used to fail only then).
 @pytest.mark.parametrize("args", [["--epochs", "0"], ["--task-arg", "novalue"],
-                                  ["--task", "nope"]])
+                                  ["--task", "nope"], ["--alpha", "17"], ["--lam", "1.5"],
+                                  ["--alpha", "nan"], ["--optimizer", "rmsprop"],
+                                  ["--schedule", "step"], ["--grad-clip", "-1"]])
 def test_train_command_rejects_bad_arguments_with_a_usage_error(args, tmp_path):
     result = CliRunner().invoke(main, ["train", "--no-progress", "--out", str(tmp_path), *args])
     assert result.exit_code == 2, result.output
     assert "Error" in result.output
+
+
+def test_tables_never_print_negative_zero(capsys):
+    # Where it comes from: cross entropy of a sample predicted with certainty is -0.0.
+    certain = float(F.cross_entropy(torch.tensor([[0.0, -200.0]]), torch.tensor([0]),
+                                    reduction="none")[0])
+    assert str(certain) == "-0.0"
+    table = hardest_table([{"id": 1, "ema": certain, "last_loss": -1e-9, "seen": 1, "kept": 0}])
+    assert "-0.0000" not in table and table.count("0.0000") == 2
+    epoch = {"epoch": 1, "train_loss": certain, "val_loss": -0.0, "val_accuracy": 1.0,
+             "samp_perc": 0.5, "loss_perc": 0.9, "train_time_s": 1.0}
+    print_summary(RunResult(config={}, epochs=[epoch]))
+    out = capsys.readouterr().out
+    assert "-0.0000" not in out and out.count("0.0000") == 2

@@ -1,24 +1,24 @@
 """The Ray Train worker: the training loop of `hardbatch.trainer.train` as one rank of a DDP job.
 
-Each worker gets its batches from the sampler service (`RoundPlans`), filters them locally,
-takes a DDP step normalized by the kept count over all ranks, streams its losses to the loss
-store, and reports metrics with a checkpoint after every epoch so a failed worker group
-resumes where it stopped.
+The loop's `Worker` gets its batches from the sampler service (local shuffle while it is
+away), filters them locally, normalizes the loss by the kept count over all ranks and streams
+its losses to the loss store; here each epoch ends with metrics and a checkpoint, so a failed
+worker group resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from hardbatch.sampler.plans import PlanConfig
 from hardbatch.trainer.train import Runtime, TrainConfig, fit
+from hardbatch.trainer.worker import WorkerConfig
 
 log = logging.getLogger(__name__)
 STATE_FILE = "state.pt"
@@ -43,7 +43,7 @@ class JobConfig(TrainConfig):
         "help": "Share of the dataset each epoch's plans cover; below 1 the service picks "
                 "that share, biased toward hard examples."})
     alpha: float = field(default=1.0, metadata={
-        "help": "Plan priority exponent on hardness (0: uniform)."})
+        "help": "Plan priority exponent on hardness, in [0, 16] (0: uniform)."})
     lam: float = field(default=0.1, metadata={
         "help": "Uniform floor of the plan distribution, so no sample starves."})
     placement: str = field(default="PACK", metadata={
@@ -63,10 +63,10 @@ class JobConfig(TrainConfig):
             raise ValueError(f"workers must be >= 1, got {self.workers}")
         if self.plans not in ("service", "local"):
             raise ValueError(f"plans must be service or local, got {self.plans!r}")
-        if not 0.0 < self.plan_fraction <= 1.0:
-            raise ValueError(f"plan_fraction must be in (0, 1], got {self.plan_fraction}")
-        if self.alpha < 0 or not 0.0 <= self.lam <= 1.0:
-            raise ValueError("need alpha >= 0 and lam in [0, 1]")
+        # Checked where they are used, before anything starts: the workers' plan fraction,
+        # the service's alpha and lam.
+        self.worker_config()
+        self.plan_config()
         if self.placement not in ("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"):
             raise ValueError(f"unknown placement {self.placement!r}")
         if self.max_failures < -1:
@@ -74,20 +74,17 @@ class JobConfig(TrainConfig):
         if self.use_gpu not in ("yes", "no", "auto"):
             raise ValueError(f"use_gpu must be yes, no or auto, got {self.use_gpu!r}")
 
+    def plan_config(self) -> PlanConfig:
+        """How the service's plans lean toward hard samples."""
+        return PlanConfig(alpha=self.alpha, lam=self.lam, total_rounds=self.epochs)
+
+    def worker_config(self) -> WorkerConfig:
+        """The workers' filter settings and plan fraction."""
+        return self.train_config().worker_config(plan_fraction=self.plan_fraction)
+
     def train_config(self) -> TrainConfig:
         names = {f.name for f in dataclasses.fields(TrainConfig)}
         return TrainConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
-
-
-def _all_reducer(device: torch.device) -> Callable[[list[float]], list[float]]:
-    """Sums over ranks on `device`: NCCL reduces only CUDA tensors, gloo CPU ones."""
-
-    def all_reduce(values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64, device=device)
-        torch.distributed.all_reduce(t)
-        return t.tolist()
-
-    return all_reduce
 
 
 def _quiet_logs() -> None:
@@ -99,26 +96,19 @@ def _quiet_logs() -> None:
 
 
 def worker_loop(cfg: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker."""
+    """Runs on every Ray Train worker: `cfg` is the job's fields plus the `Driver`'s worker
+    config under "hardbatch"."""
     import ray.train
     import ray.train.torch
-    from hardbatch.services.client import SamplerClient
-    from hardbatch.trainer.plan_source import RoundPlans
-    from hardbatch.trainer.reporter import LossReporter
 
     _quiet_logs()
+    cfg = dict(cfg)
+    worker_config = cfg.pop("hardbatch")
     job = JobConfig(**cfg)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     config = dataclasses.replace(job.train_config(), threads=job.threads or 1,
                                  device=str(device))
-    service = job.plans == "service"
-    token = os.environ.get("HARDBATCH_API_TOKEN") or None  # plans are a write: they need it
-    client = SamplerClient(job.service, token=token) if service and job.service else None
-    plans = RoundPlans(client, job.run, rank, world, job.batch_size, job.plan_fraction,
-                       job.seed, rounds=job.epochs)
-    reporter = LossReporter(job.redis, job.run, rank) if service and job.redis else None
+    rank = ray.train.get_context().get_world_rank()
 
     resume = None
     checkpoint = ray.train.get_checkpoint()
@@ -128,9 +118,9 @@ def worker_loop(cfg: dict[str, Any]) -> None:
         log.info("rank %d resumes at epoch %d", rank, resume["epoch"])
 
     def on_epoch_end(state: dict[str, Any]) -> None:
-        last = state["result"]["epochs"][-1]
-        metrics = {**last, "service_rounds": plans.service_rounds,
-                   "fallback_rounds": plans.fallback_rounds}
+        hb = state["hardbatch"]
+        metrics = {**state["result"]["epochs"][-1], "service_rounds": hb["service_rounds"],
+                   "fallback_rounds": hb["fallback_rounds"]}
         if rank != 0:
             ray.train.report(metrics)
             return
@@ -138,16 +128,5 @@ def worker_loop(cfg: dict[str, Any]) -> None:
             torch.save(state, Path(d) / STATE_FILE)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
-    runtime = Runtime(rank=rank, world_size=world, wrap=ray.train.torch.prepare_model,
-                      all_reduce=_all_reducer(device), plans=plans, steps_per_epoch=plans.steps,
-                      on_epoch_end=on_epoch_end, resume=resume)
-    try:
-        fit(config, reporter=reporter, runtime=runtime)
-    finally:
-        plans.close()
-        if reporter is not None:
-            delivery = reporter.close(timeout_s=60)
-            if not delivery.ok:
-                log.error("rank %d: loss records not delivered: %s", rank, delivery)
-        if client is not None:
-            client.close()
+    fit(config, runtime=Runtime(wrap=ray.train.torch.prepare_model, hardbatch=worker_config,
+                                on_epoch_end=on_epoch_end, resume=resume))

@@ -1,8 +1,8 @@
 """Launches a distributed hardbatch run: what `hardbatch train` does.
 
-With no addresses it starts everything on this machine (a Ray local cluster, an embedded Redis,
-the sampler service in this process) and stops it all at the end; with `--address`,
-`--service` and `--redis` it joins existing ones.
+A `Driver` brings up (or joins) Redis, the sampler service and Ray and registers the run; this
+module adds the built-in loop (`worker_loop`) on a `TorchTrainer`, a progress bar and the
+results.
 
 Example:
     >>> from hardbatch.trainer.distributed import JobConfig
@@ -14,80 +14,27 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
-import socket
 import threading
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from hardbatch.trainer.distributed import STATE_FILE, JobConfig, worker_loop
+from hardbatch.trainer.driver import Driver, new_run_name
 from hardbatch.trainer.plan_source import batches_per_round
 from hardbatch.trainer.task import TaskArgs, load_task
 from hardbatch.trainer.train import RunResult
 
 log = logging.getLogger(__name__)
 
-# Ray 2.60 polls workers every ~2 s by default, so each `ray.train.report` costs that much.
-RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_DEDUP_LOGS": "1"}
-# The sampler service's bearer token (plans are a write): this process and every worker need it.
-TOKEN_ENV = "HARDBATCH_API_TOKEN"
 
+def _quiet_train_logs() -> dict[str, Any]:
+    """Ray Train's own INFO lines (resources requested, worker group started, process group
+    set up) would come between the progress bar and the tables: warnings and errors only."""
+    import ray.train
 
-def _free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def local_service(redis_url: str, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
-    """Runs the sampler service under uvicorn in a thread of this process; yields its URL."""
-    import httpx
-    import uvicorn
-    from hardbatch.services.core.config import Settings
-    from hardbatch.services.main import create_app
-
-    port = port or _free_port(host)
-    settings = Settings(host=host, port=port, redis_url=redis_url, refresh_s=0.5)
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host=host, port=port,
-                                           log_level="warning", access_log=False))
-    thread = threading.Thread(target=server.run, name="sampler-service", daemon=True)
-    thread.start()
-    url = f"http://{host}:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                break
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError(f"the sampler service did not start on {url}")
-        time.sleep(0.1)
-    try:
-        yield url
-    finally:
-        server.should_exit = True
-        thread.join(10)
-
-
-def _ray_init(address: str) -> bool:
-    """Connects to (or starts) Ray; returns whether this process started the cluster."""
-    import ray
-
-    for k, v in RAY_ENV.items():
-        os.environ.setdefault(k, v)
-    if ray.is_initialized():
-        return False
-    runtime_env = {"env_vars": {k: os.environ[k] for k in RAY_ENV}}
-    if os.environ.get(TOKEN_ENV):
-        runtime_env["env_vars"][TOKEN_ENV] = os.environ[TOKEN_ENV]
-    if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
-        return False
-    ray.init(include_dashboard=False, runtime_env=runtime_env, log_to_driver=True)
-    return True
+    logging_config = getattr(ray.train, "LoggingConfig", None)  # Ray Train V2 has it
+    return {} if logging_config is None else {"logging_config": logging_config("WARNING")}
 
 
 def _use_gpu(job: JobConfig) -> bool:
@@ -111,61 +58,51 @@ def launch(job: JobConfig, top_k: int = 10) -> JobResult:
         job: the run.
         top_k: how many of the hardest samples to fetch from the service at the end.
     """
-    import ray
-    from hardbatch.services.client import SamplerClient, SamplerError
-    from hardbatch.services.redis_server import redis_url_or_embedded
-    from hardbatch.services.store import LossStore
+    from hardbatch.services.client import SamplerError
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    run = job.run or f"hb-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}"
     task = load_task(job.task)(TaskArgs(job.num_samples, job.width, job.seed,
                                         dict(job.task_args)))
     if job.plan_fraction * task.num_samples < job.workers * job.batch_size:
         raise ValueError(
             f"a round of {job.plan_fraction} x {task.num_samples} samples cannot give "
             f"{job.workers} workers a batch of {job.batch_size} each")
+    run = job.run or new_run_name()
     # Remote storage (s3://, gs://, ...) is Ray's business; a local path is made absolute.
     storage = job.storage or "runs/ray"
+    # An embedded Redis keeps an append-only file beside the checkpoints (docs/store.md).
+    store_dir = (Path(storage).resolve().parent if "://" not in storage
+                 else Path("runs").resolve()) / "redis" / run
+    driver = Driver(task.num_samples, job.epochs, run=run, plans=job.plans, redis=job.redis,
+                    service=job.service, ray_address=job.address, plan=job.plan_config(),
+                    worker=job.worker_config(), store_dir=store_dir)
     if "://" not in storage:
         storage = str(Path(storage).resolve())
         # Ray Train resumes from whatever checkpoints it finds under storage/run: a rerun of a
         # named run must not silently return the old run's results.
-        if not job.resume and (Path(storage) / run).exists():
-            raise ValueError(f"run {run!r} already has checkpoints in {Path(storage) / run}; "
-                             "pass --resume to continue it, or choose another --run")
-    with contextlib.ExitStack() as stack:
-        # An embedded Redis keeps an append-only file beside the checkpoints and is restarted
-        # if it dies, so the run's store outlives a crash of its server (docs/store.md).
-        aof = (Path(storage).parent if "://" not in storage else Path("runs")) / "redis" / run
-        redis_url = stack.enter_context(redis_url_or_embedded(
-            job.redis or None, tcp=True, appendonly=True, data_dir=aof, supervise=True))
-        store = LossStore.from_url(redis_url)
-        store.register_run(run, task.num_samples)
-        store.client.close()
-        service = job.service or stack.enter_context(local_service(redis_url))
-        with SamplerClient(service, token=os.environ.get(TOKEN_ENV) or None) as client:
-            client.set_plan_config(run, alpha=job.alpha, lam=job.lam, total_rounds=job.epochs)
-        started = _ray_init(job.address)
-        if started:
-            stack.callback(ray.shutdown)
-        config = dataclasses.replace(job, run=run, redis=redis_url, service=service)
+        if not job.resume and (Path(storage) / driver.run).exists():
+            raise ValueError(f"run {driver.run!r} already has checkpoints in "
+                             f"{Path(storage) / driver.run}; pass --resume to continue it, or "
+                             "choose another --run")
+    with driver:
+        run = driver.run
         trainer = TorchTrainer(
             worker_loop,
-            train_loop_config=dataclasses.asdict(config),
+            train_loop_config={**dataclasses.asdict(job), "hardbatch": driver.worker_config},
             scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=_use_gpu(job),
                                          placement_strategy=job.placement,
                                          resources_per_worker={"CPU": 1}),
             run_config=RunConfig(
                 name=run, storage_path=storage,
                 failure_config=FailureConfig(max_failures=job.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                checkpoint_config=CheckpointConfig(num_to_keep=2), **_quiet_train_logs()),
         )
-        if job.progress and job.plans == "service":
+        if job.progress and driver.service_url:
             steps = batches_per_round(task.num_samples, job.workers, job.batch_size,
                                       job.plan_fraction)
             total = job.epochs * steps * job.batch_size * job.workers
-            result = _fit_following(trainer, service, run, total)
+            result = _fit_following(trainer, driver, total)
         else:
             result = trainer.fit()
         if result.error is not None:
@@ -174,24 +111,24 @@ def launch(job: JobConfig, top_k: int = 10) -> JobResult:
         with result.checkpoint.as_directory() as d:
             state: dict[str, Any] = torch.load(Path(d) / STATE_FILE, weights_only=True)
         out = RunResult(**state["result"])
-        out.config.update(run=run, workers=job.workers, service=service)
+        out.config.update(run=run, workers=job.workers, service=driver.service_url)
         hardest: list[dict[str, Any]] = []
         info: dict[str, Any] = {}
-        try:
-            with SamplerClient(service, token=os.environ.get(TOKEN_ENV) or None) as client:
-                hardest = _settled_top(client, run, top_k)
-                info = client.run_info(run)
-        except SamplerError as e:  # the run is done and checkpointed: report, don't lose it
-            log.warning("run %s finished, but the service did not answer: %s", run, e)
+        if driver.service_url:
+            try:
+                hardest, info = driver.top(top_k), driver.info()
+            except SamplerError as e:  # the run is done and checkpointed: report, don't lose it
+                log.warning("run %s finished, but the service did not answer: %s", run, e)
         return JobResult(run, out, hardest, info)
 
 
-def _fit_following(trainer: Any, service: str, run: str, total: int) -> Any:
+def _fit_following(trainer: Any, driver: Driver, total: int) -> Any:
     """Runs `trainer.fit()` with a progress bar of the examples the store has materialized:
     the bar follows the data flow itself, not a worker's stdout."""
-    from hardbatch.services.client import SamplerClient, SamplerError
+    from hardbatch.services.client import SamplerError
     from tqdm.auto import tqdm
 
+    run = driver.run
     box: dict[str, Any] = {}
 
     def fit() -> None:
@@ -202,7 +139,7 @@ def _fit_following(trainer: Any, service: str, run: str, total: int) -> Any:
 
     thread = threading.Thread(target=fit, daemon=True)
     thread.start()
-    with SamplerClient(service, token=os.environ.get(TOKEN_ENV) or None, timeout_s=2) as client, \
+    with driver.client(timeout_s=2) as client, \
             tqdm(total=total, desc=f"run {run}", unit="ex", unit_scale=True) as bar:
         while thread.is_alive():
             thread.join(1.0)
@@ -214,12 +151,3 @@ def _fit_following(trainer: Any, service: str, run: str, total: int) -> Any:
     if "error" in box:
         raise box["error"]
     return box["result"]
-
-
-def _settled_top(client: Any, run: str, k: int, timeout_s: float = 10.0) -> list[dict[str, Any]]:
-    """The hardest samples once the service has applied every record (or after timeout_s)."""
-    deadline = time.monotonic() + timeout_s
-    while client.run_info(run).get("lag_records", 0) > 0 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    top: list[dict[str, Any]] = client.top(run, k=k)
-    return top

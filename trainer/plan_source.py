@@ -52,13 +52,17 @@ class RoundPlans:
         fraction: share of the dataset each round covers across all ranks.
         seed: seed of the fallback shuffle.
         rounds: how many rounds the run has (nothing is prefetched past the last).
+        with_weights: ask the service for importance weights too (a round's `weights`; a
+            local round has none: uniform, so no correction is due).
     """
 
     PREFETCH_AT = 0.9  # share of a round trained before the next one is requested
 
     def __init__(self, client: SamplerClient | None, run: str, rank: int, world_size: int,
-                 batch_size: int, fraction: float, seed: int, rounds: int | None = None) -> None:
+                 batch_size: int, fraction: float, seed: int, rounds: int | None = None,
+                 with_weights: bool = False) -> None:
         self.client, self.run, self.rounds = client, run, rounds
+        self.with_weights = with_weights
         self.rank, self.world_size = rank, world_size
         self.batch_size, self.fraction, self.seed = batch_size, fraction, seed
         self.service_rounds = 0
@@ -73,11 +77,12 @@ class RoundPlans:
         assert self.client is not None
         return self._pool.submit(
             self.client.plan, self.run, rank=self.rank, world_size=self.world_size,
-            round=epoch, batches=self.steps(num_samples), batch_size=self.batch_size)
+            round=epoch, batches=self.steps(num_samples), batch_size=self.batch_size,
+            with_weights=self.with_weights)
 
-    def __call__(self, epoch: int, num_samples: int) -> list[torch.Tensor]:
+    def __call__(self, epoch: int, num_samples: int) -> Round:
         if self.client is None:
-            return self._local(epoch, num_samples)
+            return Round(self._local(epoch, num_samples))
         if self._next is None or self._next[0] != epoch:
             self._next = (epoch, self._fetch(epoch, num_samples))
         future = self._next[1]
@@ -95,14 +100,15 @@ class RoundPlans:
             self.fallback_rounds += 1
             log.warning("rank %d round %d: %s; training on a local shuffle this round",
                         self.rank, epoch, e)
-            batches = self._local(epoch, num_samples)
+            batches, weights = self._local(epoch, num_samples), None
         else:
             self.service_rounds += 1
             batches = list(torch.from_numpy(plan.ids))
+            weights = None if plan.weights is None else list(torch.tensor(plan.weights))
         if self.rounds is not None and epoch + 1 >= self.rounds:
-            return batches
+            return Round(batches, weights)
         at = min(int(len(batches) * self.PREFETCH_AT), len(batches) - 1)
-        return _Round(batches, at, lambda: self._prefetch(epoch + 1, num_samples))
+        return Round(batches, weights, at, lambda: self._prefetch(epoch + 1, num_samples))
 
     def _prefetch(self, epoch: int, num_samples: int) -> None:
         self._next = (epoch, self._fetch(epoch, num_samples))
@@ -120,15 +126,34 @@ def _outage(e: SamplerError) -> bool:
     return e.status is None or e.status >= 500
 
 
-class _Round(list[torch.Tensor]):
-    """A round's batches that call `hook` once iteration reaches batch `at`."""
+class Round(list[torch.Tensor]):
+    """A round's batches of ids (and their importance weights, when the plan has them) that
+    call `hook` once iteration reaches batch `at`."""
 
-    def __init__(self, batches: list[torch.Tensor], at: int, hook: Callable[[], None]) -> None:
+    def __init__(self, batches: list[torch.Tensor], weights: list[torch.Tensor] | None = None,
+                 at: int = -1, hook: Callable[[], None] | None = None) -> None:
         super().__init__(batches)
+        self.weights = weights
         self._at, self._hook = at, hook
+        self._index: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def weights_of(self, ids: torch.Tensor) -> torch.Tensor | None:
+        """The importance weights of `ids` (ids of this round), or None if it has none."""
+        if self.weights is None:
+            return None
+        if self._index is None:  # sorted once per round: a lookup is then a binary search
+            all_ids = torch.cat(list(super().__iter__()))
+            order = all_ids.argsort()
+            self._index = all_ids[order], torch.cat(self.weights)[order]
+        keys, values = self._index
+        ids = ids.cpu()
+        pos = torch.searchsorted(keys, ids).clamp(max=len(keys) - 1)
+        if not torch.equal(keys[pos], ids):
+            raise ValueError("these ids are not in the current round's plan")
+        return values[pos]
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         for i, batch in enumerate(super().__iter__()):
-            if i == self._at:
+            if i == self._at and self._hook is not None:
                 self._hook()
             yield batch

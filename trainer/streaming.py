@@ -95,11 +95,17 @@ def delivery_line(summary: StreamSummary) -> str:
             + ("" if d.ok else f", {d.pending_records:,} NOT delivered (left in {d.spill_path})"))
 
 
+def fixed(value: float, width: int, digits: int = 4) -> str:
+    """`value` right-aligned with `digits` decimals, never as "-0.0000": cross entropy gives
+    -0.0 for a sample predicted with certainty (it negates a log-probability of 0)."""
+    return f"{round(value, digits) + 0.0:>{width}.{digits}f}"
+
+
 def hardest_table(rows: list[dict[str, Any]]) -> str:
     """Rows with id, ema, last_loss, seen and kept (the service's top-k records) as a table."""
     lines = [f"{'id':>8}{'ema':>10}{'last loss':>11}{'seen':>6}{'kept':>6}"]
-    lines += [f"{h['id']:>8}{h['ema']:>10.4f}{h['last_loss']:>11.4f}{h['seen']:>6}{h['kept']:>6}"
-              for h in rows]
+    lines += [f"{h['id']:>8}{fixed(h['ema'], 10)}{fixed(h['last_loss'], 11)}{h['seen']:>6}"
+              f"{h['kept']:>6}" for h in rows]
     return "\n".join(lines)
 
 

@@ -9,14 +9,14 @@ the whole run, because the loss store and the sampler address samples by them.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 
 
 def logits_of(output: Any) -> torch.Tensor:
@@ -54,6 +54,10 @@ class Task:
         loss: `(model output, target) -> per-sample losses`, shape (B,) or (B, ...).
         logits: `model output -> logits` for accuracy.
         num_classes: number of classes, for reporting.
+        optimizer: `parameters -> optimizer`, the task's own choice (used unless
+            `--optimizer` names one); None: AdamW with `--lr` and `--weight-decay`.
+        scheduler: `(optimizer, total_steps) -> LR scheduler` stepped once per batch (used
+            unless `--schedule` names one); None: OneCycle peaking at `--lr`.
     """
 
     model: nn.Module
@@ -62,6 +66,9 @@ class Task:
     loss: Callable[[Any, torch.Tensor], torch.Tensor] = cross_entropy
     logits: Callable[[Any], torch.Tensor] = logits_of
     num_classes: int | None = None
+    optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None
+    scheduler: Callable[[torch.optim.Optimizer, int], torch.optim.lr_scheduler.LRScheduler] \
+        | None = None
 
     @property
     def num_samples(self) -> int:
@@ -93,17 +100,61 @@ def load_task(path: str) -> Callable[[TaskArgs], Task]:
     return factory
 
 
-def iter_batches(
-    dataset: Dataset, id_batches: Sequence[Sequence[int]] | Sequence[torch.Tensor],
-    num_workers: int = 0,
-) -> Iterator[tuple[torch.Tensor, tuple[Any, ...]]]:
-    """Yields `(ids, (x, y, ...))` for each batch of sample ids, in order."""
-    if isinstance(dataset, TensorDataset):
-        for ids in id_batches:
+class IdDataset(Dataset):
+    """`dataset` with each item paired with its index: `(id, item)`, so the sample ids travel
+    with their batch through any `DataLoader` (worker processes, Ray's device transfer).
+
+    A `TensorDataset` is fetched a whole batch at a time (`__getitems__`: one gather per tensor
+    instead of one item per sample); `IdCollate` passes such a batch through.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> tuple[int, Any]:
+        return i, self.dataset[i]
+
+    def __getitems__(self, ids: list[int]) -> Any:
+        if isinstance(self.dataset, TensorDataset):
             idx = torch.as_tensor(ids, dtype=torch.long)
-            yield idx, tuple(t[idx] for t in dataset.tensors)
-        return
-    lists = [[int(i) for i in b] for b in id_batches]
-    loader = DataLoader(dataset, batch_sampler=lists, num_workers=num_workers)
-    for ids, batch in zip(lists, loader, strict=True):
-        yield torch.as_tensor(ids, dtype=torch.long), tuple(batch)
+            return _Batch((idx, tuple(t[idx] for t in self.dataset.tensors)))
+        return [(i, self.dataset[i]) for i in ids]
+
+
+class _Batch(tuple):
+    """A batch `IdDataset` already assembled (so collation leaves it alone)."""
+
+
+class IdCollate:
+    """Collates `(id, item)` pairs into `(ids, batch)`; `collate_fn` builds the batch from the
+    items (default: torch's `default_collate`). A class, so worker processes can pickle it."""
+
+    def __init__(self, collate_fn: Callable[[list[Any]], Any] | None = None) -> None:
+        self.collate_fn = collate_fn or default_collate
+
+    def __call__(self, pairs: Any) -> tuple[torch.Tensor, Any]:
+        if isinstance(pairs, _Batch):
+            ids, batch = pairs
+            return ids, batch
+        ids = torch.as_tensor([i for i, _ in pairs], dtype=torch.long)
+        return ids, self.collate_fn([item for _, item in pairs])
+
+
+def iter_batches(
+    dataset: Dataset, id_batches: Iterable[Sequence[int]] | Iterable[torch.Tensor],
+    num_workers: int = 0,
+) -> Iterator[tuple[torch.Tensor, Any]]:
+    """Yields `(ids, (x, y, ...))` for each batch of sample ids, in order.
+
+    Lazy: a batch's ids are read from `id_batches` only when it is loaded (a few batches ahead
+    with `num_workers`), so a plan that acts on iteration (`RoundPlans` asks for the next round
+    at 90% of this one) sees the training's real progress.
+    """
+    lists = ([int(i) for i in b] for b in id_batches)
+    loader = DataLoader(IdDataset(dataset), batch_sampler=lists,  # type: ignore[arg-type]
+                        num_workers=num_workers, collate_fn=IdCollate())
+    for ids, batch in loader:
+        yield ids, tuple(batch)

@@ -1,32 +1,38 @@
-"""One training loop for plain and filtered training on one machine.
+"""The built-in training loop, written on the public worker API (`Worker`).
 
 Per batch: score it (forward without grad), keep the examples the loss-share filter picks,
 and take one optimizer step on those. With the filter off the loop trains on the whole batch.
 Either way there is exactly one optimizer step per batch, so LR schedules keep their shape.
+The same loop runs in one process (`hardbatch train --local`) and as a Ray Train rank
+(`hardbatch.trainer.distributed`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-import numpy as np
 import torch
-from hardbatch.sampler.filter import LossShareFilter, per_sample
+from hardbatch.sampler.filter import per_sample
 from hardbatch.trainer.task import Task, TaskArgs, iter_batches, load_task
+from hardbatch.trainer.worker import Reporter, Worker, WorkerConfig
 from tqdm.auto import tqdm
 
+log = logging.getLogger(__name__)
 BUILTIN_TASK = "hardbatch.trainer.mnist1d_task:make"
+OPTIMIZERS = ("auto", "adamw", "sgd")
+SCHEDULES = ("auto", "onecycle", "cosine", "constant")
 
 
-class Reporter(Protocol):
-    """Where scored losses go (the loss store's reporter); it must not block."""
-
-    def report(self, ids: np.ndarray, losses: np.ndarray, kept: np.ndarray, step: int,
-               epoch: int) -> None: ...
+def _as_in_worker_config(name: str) -> Any:
+    """A field with the default and help of `WorkerConfig.<name>` (one place for both)."""
+    f = next(f for f in dataclasses.fields(WorkerConfig) if f.name == name)
+    return field(default=f.default, metadata=f.metadata)
 
 
 @dataclass
@@ -39,18 +45,21 @@ class TrainConfig:
     width: int = field(default=128, metadata={"help": "Model width (channels)."})
     epochs: int = field(default=12, metadata={"help": "Passes over the training data."})
     batch_size: int = field(default=256, metadata={"help": "Samples per batch (scored)."})
-    lr: float = field(default=0.01, metadata={"help": "Peak learning rate of the OneCycle."})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
+    lr: float = field(default=0.01, metadata={
+        "help": "Learning rate (the peak of a OneCycle schedule)."})
+    weight_decay: float = field(default=0.01, metadata={"help": "Weight decay."})
+    optimizer: str = field(default="auto", metadata={
+        "help": "adamw, sgd (momentum 0.9, Nesterov), or auto (the task's own, else adamw)."})
+    schedule: str = field(default="auto", metadata={
+        "help": "LR schedule per step: onecycle, cosine, constant, or auto (the task's own, "
+                "else onecycle)."})
+    grad_clip: float = field(default=0.0, metadata={
+        "help": "Clip the gradient norm to this before each step (0: no clipping)."})
     seed: int = field(default=0, metadata={"help": "Seed for init and data order."})
-    filter: bool = field(default=True, metadata={
-        "help": "Train only on the examples carrying min_loss_perc of each batch's loss."})
-    min_loss_perc: float = field(default=0.9, metadata={
-        "help": "Share of the batch loss the kept examples must carry."})
-    min_samples_perc: float = field(default=0.0, metadata={
-        "help": "Least fraction of each batch to keep."})
-    score_precision: str = field(default="auto", metadata={
-        "help": "Precision of the scoring forward: fp32, bf16, or auto (bf16 where the "
-                "hardware runs it fast: AMX/AVX512-BF16 CPUs, bf16 GPUs)."})
+    filter: bool = _as_in_worker_config("filter")
+    min_loss_perc: float = _as_in_worker_config("min_loss_perc")
+    min_samples_perc: float = _as_in_worker_config("min_samples_perc")
+    score_precision: str = _as_in_worker_config("score_precision")
     evals_per_epoch: int = field(default=1, metadata={
         "help": "Validation passes per epoch (finer time-to-accuracy curves)."})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, or auto."})
@@ -63,16 +72,17 @@ class TrainConfig:
         for name in ("num_samples", "width", "epochs", "batch_size", "evals_per_epoch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("min_loss_perc", "min_samples_perc"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be cpu, cuda[:N] or auto, got {self.device!r}")
-        if self.score_precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"score_precision must be fp32, bf16 or auto, got "
-                             f"{self.score_precision!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if not (self.grad_clip >= 0 and math.isfinite(self.grad_clip)):
+            raise ValueError(f"grad_clip must be >= 0, got {self.grad_clip}")
+        self.worker_config()  # the filter settings, checked where they are used
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0, got {self.threads}")
 
@@ -81,15 +91,11 @@ class TrainConfig:
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
 
-    def score_dtype(self, device: torch.device) -> torch.dtype | None:
-        """The autocast dtype of the scoring forward, or None for full precision."""
-        if self.score_precision == "fp32":
-            return None
-        if self.score_precision == "bf16":
-            return torch.bfloat16
-        fast = (torch.cuda.is_bf16_supported() if device.type == "cuda"
-                else torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        return torch.bfloat16 if fast else None
+    def worker_config(self, **overrides: Any) -> WorkerConfig:
+        """The filter settings of this run as a `WorkerConfig` (plus `overrides`)."""
+        return WorkerConfig(seed=self.seed, filter=self.filter, min_loss_perc=self.min_loss_perc,
+                            min_samples_perc=self.min_samples_perc,
+                            score_precision=self.score_precision, **overrides)
 
 
 @dataclass
@@ -119,106 +125,86 @@ class RunResult:
         return d
 
 
-def local_plan(num_samples: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
-    """A seeded shuffle of all sample ids, cut into batches (the last may be short)."""
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return list(torch.randperm(num_samples, generator=gen).split(batch_size))
-
-
 @dataclass
 class Runtime:
     """How the loop meets the world around it. The defaults are one process on one device;
     `hardbatch.trainer.distributed` fills them in for a Ray Train worker.
 
     Attributes:
-        rank: this process's data-parallel rank.
-        world_size: number of data-parallel ranks.
         wrap: prepares the model (e.g. moves it and wraps it in DDP).
-        all_reduce: sums a list of numbers over all ranks.
-        plans: `(epoch, num_samples) -> batches of sample ids` for this rank; every rank must
-            get the same number of batches. None: a seeded local shuffle (one rank only).
-        steps_per_epoch: `num_samples -> batches per epoch` of `plans` (for the LR schedule).
+        hardbatch: the `Worker`'s config (a `Driver`'s `worker_config`); None: a worker on its
+            own with the run's filter settings.
         on_epoch_end: called with the loop's state after each epoch (e.g. to checkpoint).
         resume: a state saved by `on_epoch_end` to continue from.
     """
 
-    rank: int = 0
-    world_size: int = 1
     wrap: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m
-    all_reduce: Callable[[list[float]], list[float]] = lambda v: v
-    plans: Callable[[int, int], Sequence[torch.Tensor]] | None = None
-    steps_per_epoch: Callable[[int], int] | None = None
+    hardbatch: WorkerConfig | Mapping[str, Any] | None = None
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None
     resume: dict[str, Any] | None = None
 
 
 @torch.no_grad()
-def evaluate(task: Task, model: torch.nn.Module, device: torch.device, rt: Runtime | None = None,
+def evaluate(task: Task, model: torch.nn.Module, device: torch.device, hb: Worker | None = None,
              batch_size: int = 2048) -> tuple[float, float]:
     """Mean validation loss and accuracy (each rank scores its share of the validation set)."""
-    rt = rt or Runtime()
+    rank, world = (hb.rank, hb.world_size) if hb else (0, 1)
     model.eval()
     n_val = len(task.val)  # type: ignore[arg-type]
     total_loss, correct = 0.0, 0
-    batches = torch.arange(rt.rank, n_val, rt.world_size).split(batch_size)
+    batches = torch.arange(rank, n_val, world).split(batch_size)
     for _, (x, y, *_) in iter_batches(task.val, batches):
         x, y = x.to(device), y.to(device)
         out = model(x)
         total_loss += float(per_sample(task.loss(out, y)).sum())
         correct += int((task.logits(out).argmax(dim=-1) == y).sum())
     model.train()
-    loss_sum, correct_sum = rt.all_reduce([total_loss, float(correct)])
+    loss_sum, correct_sum = hb.all_reduce([total_loss, float(correct)]) if hb else (
+        total_loss, float(correct))
     return loss_sum / n_val, correct_sum / n_val
 
 
-def train_step(
-    task: Task, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-    x: torch.Tensor, y: torch.Tensor, filt: LossShareFilter | None,
-    all_reduce: Callable[[list[float]], list[float]] = lambda v: v,
-    score_dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step; returns (per-sample losses of the whole batch, kept mask), on the CPU
-    when filtering.
+def train_step(hb: Worker, task: Task, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               ids: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+               grad_clip: float = 0.0) -> torch.Tensor:
+    """One optimizer step on the examples `hb.select` keeps; returns the (detached) loss.
 
-    `all_reduce` sums over the data-parallel ranks. The loss is a sum over kept examples divided
-    by the kept count of all ranks, so ranks that keep more examples weigh more, as they should
-    (design.md §6). The counts are reduced before the training forward, together with whether
-    any rank's filter refused its batch (NaN/inf losses): then every rank raises at the same
-    step instead of the others waiting in a collective. `score_dtype` runs the scoring forward
-    under autocast: it only ranks examples, so bf16 is precise enough and ~3x cheaper.
+    The scoring forward, the filter, the kept count over ranks, the NaN policy and the loss
+    normalization are the `Worker`'s (see `hardbatch.trainer.worker`).
     """
     optimizer.zero_grad(set_to_none=True)
-    if filt is None:
-        count = all_reduce([float(x.shape[0])])[0]
-        losses = per_sample(task.loss(model(x), y))
-        keep = None
-    else:
-        autocast = torch.autocast(x.device.type, dtype=score_dtype or torch.float32,
-                                  enabled=score_dtype is not None)
-        with torch.inference_mode(), autocast:
-            scored = per_sample(task.loss(model(x), y)).float()
-        # Select on the CPU: one copy instead of a device sync per step of the selection; the
-        # copy also leaves inference mode, and the caller wants the losses there anyway.
-        scored = scored.cpu() if scored.is_cuda else scored.clone()
-        try:
-            keep_cpu, refused = filt(scored), None
-        except ValueError as e:
-            keep_cpu, refused = torch.zeros(0, dtype=torch.long), e
-        count, n_refused = all_reduce([float(len(keep_cpu)), float(refused is not None)])
-        if n_refused:
-            raise refused or ValueError(
-                f"the loss filter refused the batch on {int(n_refused)} other rank(s)")
-        keep = keep_cpu.to(x.device)
-        losses = per_sample(task.loss(model(x[keep]), y[keep]))
-    # DDP averages gradients over ranks; scaling by world size turns that into a global sum.
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    (losses.sum() * (world / count)).backward()
+    keep = hb.select(ids, lambda: task.loss(model(x), y))
+    loss = hb.loss(task.loss(model(x[keep]), y[keep]))
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
-    if keep is None:
-        return losses.detach(), torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-    mask = torch.zeros(x.shape[0], dtype=torch.bool)
-    mask[keep_cpu] = True
-    return scored, mask
+    return loss.detach()
+
+
+def make_optimizer(config: TrainConfig, task: Task, model: torch.nn.Module, total_steps: int
+                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """The optimizer and per-step LR schedule `config` names, or the task's own on "auto"."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer: torch.optim.Optimizer
+    if config.optimizer == "auto" and task.optimizer is not None:
+        optimizer = task.optimizer(params)
+    elif config.optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr=config.lr, momentum=0.9, nesterov=True,
+                                    weight_decay=config.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    if config.schedule == "auto" and task.scheduler is not None:
+        scheduler = task.scheduler(optimizer, total_steps)
+    elif config.schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    elif config.schedule == "constant":
+        scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    else:
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr,
+                                                        total_steps=total_steps)
+    return optimizer, scheduler
 
 
 def fit(config: TrainConfig, reporter: Reporter | None = None,
@@ -227,8 +213,9 @@ def fit(config: TrainConfig, reporter: Reporter | None = None,
 
     Args:
         config: the run.
-        reporter: gets every scored example's loss, once per batch.
-        runtime: rank, collectives, plans and checkpoints; one local process by default.
+        reporter: gets every scored example's loss, once per batch (instead of the loss
+            store named by `runtime.hardbatch`).
+        runtime: model wrapping, the worker config, checkpoints; one local process by default.
         task: the task, if the caller already built it from `config` (else built here).
 
     Example:
@@ -242,75 +229,62 @@ def fit(config: TrainConfig, reporter: Reporter | None = None,
     if task is None:
         task = load_task(config.task)(TaskArgs(config.num_samples, config.width, config.seed,
                                                dict(config.task_args)))
-    n = task.num_samples
     model = rt.wrap(task.model.to(device))
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
-                                  weight_decay=config.weight_decay)
-    steps_per_epoch = (rt.steps_per_epoch(n) if rt.steps_per_epoch
-                       else math.ceil(n / config.batch_size))
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch)
-    filt = LossShareFilter(config.min_loss_perc, config.min_samples_perc) if config.filter \
-        else None
-    score_dtype = config.score_dtype(device)
-    plan_fn = rt.plans or (lambda ep, n: local_plan(n, config.batch_size, config.seed, ep))
+    hb = Worker(rt.hardbatch if rt.hardbatch is not None else config.worker_config(),
+                task.train, config.batch_size, reporter=reporter, device=device)
+    try:
+        return _train(config, task, model, hb, rt, device)
+    finally:
+        delivery = hb.close()
+        if delivery is not None and not delivery.ok:
+            log.error("rank %d: loss records not delivered: %s", hb.rank, delivery)
 
+
+def _train(config: TrainConfig, task: Task, model: torch.nn.Module, hb: Worker, rt: Runtime,
+           device: torch.device) -> RunResult:
+    total_steps = config.epochs * hb.steps_per_epoch
+    optimizer, scheduler = make_optimizer(config, task, model, total_steps)
     result = RunResult(config=asdict(config))
-    step, first_epoch = 0, 0
+    first_epoch = 0
     if rt.resume is not None:
-        unwrapped = getattr(model, "module", model)
-        unwrapped.load_state_dict(rt.resume["model"])
+        getattr(model, "module", model).load_state_dict(rt.resume["model"])
         optimizer.load_state_dict(rt.resume["optimizer"])
         scheduler.load_state_dict(rt.resume["scheduler"])
-        step, first_epoch = rt.resume["step"], rt.resume["epoch"]
+        hb.load_state_dict(rt.resume["hardbatch"])
+        first_epoch = rt.resume["epoch"]
         result = RunResult(**rt.resume["result"])
         result.config.setdefault("resumed_at_epochs", []).append(first_epoch)
     for epoch in range(first_epoch, config.epochs):
         epoch_start = result.train_time_s
-        scored_sum, scored_n, kept_n = 0.0, 0, 0
-        if filt is not None:
-            filt.reset()
-        id_batches = plan_fn(epoch, n)
-        eval_at = {round(len(id_batches) * (k + 1) / config.evals_per_epoch)
+        batches = hb.batches(epoch)
+        n_batches = len(batches)
+        eval_at = {round(n_batches * (k + 1) / config.evals_per_epoch)
                    for k in range(config.evals_per_epoch)}
-        batches: Iterable = iter_batches(task.train, id_batches)
         desc = f"epoch {epoch + 1}/{config.epochs}"
-        bar = (tqdm(batches, total=len(id_batches), desc=desc, leave=False)
-               if config.progress and rt.world_size == 1 else batches)
+        bar = (tqdm(batches, total=n_batches, desc=desc, leave=False)
+               if config.progress and hb.world_size == 1 else batches)
         tick = time.perf_counter()
         for i, (ids, (x, y, *_)) in enumerate(bar, start=1):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            losses, kept = train_step(task, model, optimizer, x, y, filt, rt.all_reduce,
-                                      score_dtype=score_dtype)
-            step += 1
-            if step < scheduler.total_steps:  # a plan longer than promised must not crash it
+            train_step(hb, task, model, optimizer, ids, x, y, config.grad_clip)
+            if hb.step < total_steps:  # a plan longer than promised must not crash OneCycle
                 scheduler.step()
-            losses_cpu = losses.float().cpu()
-            scored_sum += float(losses_cpu.sum())
-            scored_n += len(ids)
-            kept_n += int(kept.sum())
-            if reporter is not None:
-                reporter.report(ids.numpy(), losses_cpu.numpy(), kept.cpu().numpy(), step, epoch)
             if i in eval_at:
                 result.train_time_s += time.perf_counter() - tick
-                val_loss, val_acc = evaluate(task, model, device, rt)
-                result.evals.append({"epoch": epoch + i / len(id_batches), "step": step,
+                val_loss, val_acc = evaluate(task, model, device, hb)
+                result.evals.append({"epoch": epoch + i / n_batches, "step": hb.step,
                                      "train_time_s": result.train_time_s,
                                      "val_loss": val_loss, "val_accuracy": val_acc})
                 if isinstance(bar, tqdm):
-                    bar.set_postfix(acc=f"{val_acc:.4f}", kept=f"{kept_n / scored_n:.2f}")
+                    bar.set_postfix(acc=f"{val_acc:.4f}", kept=f"{hb.kept_fraction:.2f}")
                 tick = time.perf_counter()
         result.train_time_s += time.perf_counter() - tick
-        last = result.evals[-1]
-        share_sum = float(np.sum(filt.loss_perc)) if filt else float(len(id_batches))
-        loss_sum, seen, kept_sum, share_sum, steps = rt.all_reduce(
-            [scored_sum, float(scored_n), float(kept_n), share_sum, float(len(id_batches))])
+        last, stats = result.evals[-1], hb.summary()
         result.epochs.append({
-            "epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
+            "epoch": epoch + 1, "train_loss": stats["train_loss"],
             "val_loss": last["val_loss"], "val_accuracy": last["val_accuracy"],
-            "samp_perc": kept_sum / max(seen, 1),
-            "loss_perc": share_sum / max(steps, 1),
+            "samp_perc": stats["samp_perc"], "loss_perc": stats["loss_perc"],
             "epoch_time_s": result.train_time_s - epoch_start,
             "train_time_s": result.train_time_s,
         })
@@ -318,6 +292,6 @@ def fit(config: TrainConfig, reporter: Reporter | None = None,
             rt.on_epoch_end({
                 "model": getattr(model, "module", model).state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "step": step, "epoch": epoch + 1, "result": asdict(result),
+                "epoch": epoch + 1, "result": asdict(result), "hardbatch": hb.state_dict(),
             })
     return result

@@ -99,6 +99,7 @@ def hardness_cmd(run: str, sample_id: int, service: str, token: str | None) -> N
 def top_cmd(run: str, k: int, easiest: bool, by: str, service: str, token: str | None) -> None:
     """Print the K hardest (or easiest) samples of RUN scored so far."""
     from hardbatch.services.client import SamplerClient, SamplerError
+    from hardbatch.trainer.streaming import fixed
 
     with SamplerClient(service, token=token) as client:
         try:
@@ -107,8 +108,8 @@ def top_cmd(run: str, k: int, easiest: bool, by: str, service: str, token: str |
             raise click.ClickException(str(e)) from None
     click.echo(f"{'id':>12} {'ema':>10} {'last_loss':>10} {'seen':>6} {'kept':>6} {'step':>8}")
     for r in rows:
-        click.echo(f"{r['id']:>12} {r['ema']:>10.4f} {r['last_loss']:>10.4f} {r['seen']:>6} "
-                   f"{r['kept']:>6} {r['last_step']:>8}")
+        click.echo(f"{r['id']:>12} {fixed(r['ema'], 10)} {fixed(r['last_loss'], 10)} "
+                   f"{r['seen']:>6} {r['kept']:>6} {r['last_step']:>8}")
     if not rows:
         click.echo("(no sample scored yet)")
 

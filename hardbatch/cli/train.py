@@ -18,10 +18,12 @@ from hardbatch.trainer.train import RunResult, fit
 
 
 def print_summary(result: RunResult) -> None:
+    from hardbatch.trainer.streaming import fixed
+
     print(f"\n{'epoch':>5}{'train loss':>12}{'val loss':>10}{'val acc':>9}{'kept':>7}"
           f"{'loss share':>12}{'time s':>8}")
     for e in result.epochs:
-        print(f"{e['epoch']:>5}{e['train_loss']:>12.4f}{e['val_loss']:>10.4f}"
+        print(f"{e['epoch']:>5}{fixed(e['train_loss'], 12)}{fixed(e['val_loss'], 10)}"
               f"{100 * e['val_accuracy']:>8.2f}%{e['samp_perc']:>7.2f}{e['loss_perc']:>12.3f}"
               f"{e['train_time_s']:>8.1f}")
 

@@ -1,5 +1,6 @@
-"""design.md §6: with ranks keeping different counts, the DDP step equals one step on the union
-of kept examples with the loss summed and divided by the global kept count."""
+"""design.md §6, through the public worker API: with ranks keeping different counts, the DDP
+step equals one step on the union of kept examples with the loss summed and divided by the
+global kept count; a NaN on one rank stops every rank at the same step."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ import socket
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from hardbatch.sampler.filter import LossShareFilter
-from hardbatch.trainer.task import Task, cross_entropy
-from hardbatch.trainer.train import train_step
+from hardbatch.trainer.task import cross_entropy
 from torch import nn
+from torch.utils.data import TensorDataset
+
+from hardbatch import Worker, WorkerConfig
 
 
 def batches():
@@ -32,26 +34,26 @@ def _rank(rank: int, port: int, q, poison: bool = False) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.set_num_threads(1)
     m = nn.parallel.DistributedDataParallel(model())
-    task = Task(model=m, train=None, val=None)  # type: ignore[arg-type]
-    opt = torch.optim.SGD(m.parameters(), lr=0.0)  # lr 0: we only want the gradient
-
-    def all_reduce(values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64)
-        dist.all_reduce(t)
-        return t.tolist()
-
     x, y = batches()
     if poison and rank == 1:
         x[1, 3] = float("nan")  # one NaN loss on rank 1 only
-    filt = LossShareFilter(min_loss_perc=0.5 + 0.3 * rank)  # ranks keep different counts
+    # ranks keep different counts
+    config = WorkerConfig(min_loss_perc=0.5 + 0.3 * rank, score_precision="fp32")
+    hb = Worker(config, TensorDataset(x[rank], y[rank]), batch_size=32)
+    assert (hb.rank, hb.world_size) == (rank, 2)
+    ids = torch.arange(32)
     try:
-        _, mask = train_step(task, m, opt, x[rank], y[rank], filt, all_reduce)
+        keep = hb.select(ids, lambda: cross_entropy(m(x[rank]), y[rank]))
     except ValueError as e:
         q.put((rank, "raised", str(e)))
         dist.destroy_process_group()
         return
+    hb.loss(cross_entropy(m(x[rank][keep]), y[rank][keep])).backward()
+    mask = torch.zeros(32, dtype=torch.bool)
+    mask[keep] = True
     # numpy, not tensors: tensors travel as shared memory that dies with this process
     q.put((rank, mask.numpy(), [p.grad.numpy().copy() for p in m.parameters()]))
+    hb.close()
     dist.destroy_process_group()
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import psutil
 import pytest
 from hardbatch.trainer.distributed import JobConfig
-from hardbatch.trainer.launch import JobResult, _ray_init, launch
+from hardbatch.trainer.driver import ray_init
+from hardbatch.trainer.launch import JobResult, launch
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +24,7 @@ SMALL = dict(workers=2, num_samples=4000, width=16, batch_size=128, progress=Fal
 def ray_cluster():
     import ray
 
-    _ray_init("")
+    ray_init("")
     yield
     ray.shutdown()
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from hardbatch.services.client import SamplerClient, SamplerError
 from hardbatch.services.store import LossStore
-from hardbatch.trainer.launch import local_service
+from hardbatch.trainer.driver import local_service
 from hardbatch.trainer.plan_source import RoundPlans, batches_per_round, shard_plan
 
 
@@ -40,7 +40,9 @@ def test_falls_back_to_a_local_shuffle_and_rejoins_the_service(redis_url):
     store = LossStore.from_url(redis_url)
     store.register_run(run, 2000)
     port = _dead_port()
-    away = RoundPlans(SamplerClient(f"http://127.0.0.1:{port}", timeout_s=1), run,
+    # Refused connections fail at once; the timeout only bounds the first plan of a fresh
+    # service, which takes over a second on a loaded 2-core machine.
+    away = RoundPlans(SamplerClient(f"http://127.0.0.1:{port}", timeout_s=10), run,
                       rank=1, world_size=2, batch_size=100, fraction=1.0, seed=5)
     got = away(0, 2000)
     assert away.fallback_rounds == 1 and away.service_rounds == 0

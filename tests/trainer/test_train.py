@@ -4,7 +4,8 @@ import dataclasses
 
 import pytest
 import torch
-from hardbatch.trainer.train import TrainConfig, fit, local_plan
+from hardbatch.trainer.train import TrainConfig, fit
+from hardbatch.trainer.worker import local_plan
 
 SMALL = TrainConfig(num_samples=1200, epochs=2, batch_size=100, width=16, progress=False,
                     threads=1)

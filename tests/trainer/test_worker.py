@@ -1,0 +1,193 @@
+"""The public worker API in one process: batches, selection, the normalized (weighted) loss,
+reporting, state, and the plans of a real service behind it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hardbatch.trainer.reporter import LossReporter
+from hardbatch.trainer.task import iter_batches
+from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data.distributed import DistributedSampler
+
+from hardbatch import Driver, PlanConfig, Worker, WorkerConfig
+
+
+class Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def report(self, ids, losses, kept, step, epoch):
+        self.calls.append((ids.copy(), losses.copy(), kept.copy(), step, epoch))
+
+
+class Squares(Dataset):
+    """A map-style dataset that is not a TensorDataset (the DataLoader path)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        return torch.tensor([float(i)]), i % 3
+
+
+def data(n: int = 100):
+    g = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g))
+
+
+def test_batches_cover_every_sample_once_per_epoch_with_ids_matching_the_data():
+    ds = data(100)
+    with Worker(None, ds, batch_size=32) as hb:
+        assert (hb.rank, hb.world_size) == (0, 1)
+        epochs = []
+        for epoch in (0, 1):
+            batches = list(hb.batches(epoch))
+            assert len(batches) == hb.steps_per_epoch == len(hb.loader) == 4
+            assert [len(ids) for ids, _ in batches] == [32, 32, 32, 4]
+            for ids, (x, y) in batches:
+                assert torch.equal(x, ds.tensors[0][ids]) and torch.equal(y, ds.tensors[1][ids])
+            epochs.append(torch.cat([ids for ids, _ in batches]))
+            assert sorted(epochs[-1].tolist()) == list(range(100))
+        assert not torch.equal(epochs[0], epochs[1])  # a new shuffle each epoch
+    # Any map-style dataset works too, with the ids its items came from.
+    with Worker(None, Squares(50), batch_size=16) as hb:
+        for ids, (x, y) in hb.batches(0):
+            assert torch.equal(x[:, 0], ids.float()) and torch.equal(y, ids % 3)
+
+
+def test_loader_sampler_is_a_distributed_sampler_so_ray_keeps_it():
+    with Worker(None, data(), batch_size=10) as hb:
+        assert isinstance(hb.loader.sampler, DistributedSampler)
+        hb.loader.sampler.set_epoch(3)  # Ray's idiom picks the round
+        assert hb.epoch == 3
+        assert [ids.tolist() for ids, _ in hb.loader] == [ids.tolist() for ids, _ in
+                                                           hb.batches(3)]
+
+
+def test_select_and_loss_train_on_the_hardest_and_report_every_scored_example():
+    rec = Recorder()
+    ds = data(64)
+    model = torch.nn.Linear(4, 3)
+    loss_fn = torch.nn.CrossEntropyLoss(reduction="none")
+    config = WorkerConfig(min_loss_perc=0.5, score_precision="fp32")
+    with Worker(config, ds, batch_size=64, reporter=rec) as hb:
+        ((ids, (x, y)),) = list(hb.batches(0))
+        keep = hb.select(ids, lambda: loss_fn(model(x), y))
+        kept_losses = loss_fn(model(x[keep]), y[keep])
+        loss = hb.loss(kept_losses)
+        scored = loss_fn(model(x), y).detach()
+        assert len(keep) < 64 and float(scored[keep].sum()) >= 0.5 * float(scored.sum())
+        torch.testing.assert_close(loss, kept_losses.sum() / len(keep))
+        loss.backward()
+        (r_ids, r_losses, r_kept, step, epoch) = rec.calls[0]
+        assert np.array_equal(r_ids, ids.numpy()) and (step, epoch) == (1, 0)
+        np.testing.assert_allclose(r_losses, scored.numpy(), rtol=1e-5)
+        assert r_kept.sum() == len(keep) and r_kept[keep.numpy()].all()
+        stats = hb.summary()
+        assert stats["samp_perc"] == len(keep) / 64 and stats["steps"] == 1
+        assert stats["loss_perc"] >= 0.5 and stats["train_loss"] == pytest.approx(
+            float(scored.mean()), rel=1e-5)
+
+
+def test_filter_off_trains_on_the_whole_batch_without_a_scoring_forward():
+    rec = Recorder()
+    with Worker(WorkerConfig(filter=False), data(40), batch_size=40, reporter=rec) as hb:
+        ((ids, (x, y)),) = list(hb.batches(0))
+        keep = hb.select(ids, lambda: pytest.fail("no scoring forward with the filter off"))
+        assert keep == slice(None)
+        losses = torch.rand(40)
+        torch.testing.assert_close(hb.loss(losses), losses.mean())
+        assert rec.calls[0][2].all() and np.allclose(rec.calls[0][1], losses.numpy())
+
+
+def test_nan_raises_and_misuse_is_refused():
+    with Worker(None, data(8), batch_size=8) as hb:
+        ids = torch.arange(8)
+        with pytest.raises(ValueError, match="NaN or inf"):
+            hb.select(ids, torch.tensor([1.0, float("nan"), 1, 1, 1, 1, 1, 1]))
+        with pytest.raises(RuntimeError, match="select"):
+            hb.loss(torch.ones(2))
+        with pytest.raises(ValueError, match="8 ids"):
+            hb.select(ids, torch.ones(5))
+        keep = hb.select(ids, torch.arange(8.0))
+        with pytest.raises(ValueError, match="kept"):
+            hb.loss(torch.ones(len(keep) + 1))
+    with pytest.raises(ValueError, match="unknown worker config keys"):
+        Worker({"min_loss": 0.5}, data(8), batch_size=8)
+    with pytest.raises(ValueError, match="min_loss_perc"):
+        WorkerConfig(min_loss_perc=2.0)
+
+
+def test_state_dict_continues_step_numbers():
+    rec = Recorder()
+    with Worker(None, data(20), batch_size=10, reporter=rec) as hb:
+        for ids, (x, _) in hb.batches(0):
+            keep = hb.select(ids, x.abs().sum(1))
+            hb.loss(torch.ones(len(keep)))
+        state = hb.state_dict()
+    assert state["step"] == 2 and state["epoch"] == 0
+    with Worker(None, data(20), batch_size=10, reporter=rec) as again:
+        again.load_state_dict(state)
+        ids, (x, _) = next(iter(again.batches(1)))
+        keep = again.select(ids, x.abs().sum(1))
+        again.loss(torch.ones(len(keep)))
+        assert rec.calls[-1][3:] == (3, 1)
+
+
+def test_iter_batches_is_lazy_for_any_dataset():
+    read = []
+
+    def plan():
+        for b in range(10):
+            read.append(b)
+            yield torch.arange(b * 5, b * 5 + 5)
+
+    batches = iter_batches(Squares(50), plan())
+    for b in range(3):
+        ids, _ = next(batches)
+        assert ids.tolist() == list(range(b * 5, b * 5 + 5))
+        assert read == list(range(b + 1))  # not the whole plan up front
+
+
+def test_next_round_is_asked_for_at_90_percent_for_a_dataset_that_is_not_tensors(redis_url):
+    with Driver(2000, rounds=2, redis=redis_url, run="worker-late", ray_address=None) as d, \
+            Worker(d.worker_config, Squares(2000), batch_size=100) as hb:
+        plans = hb._plans
+        asked = [plans._next[0] for _ in hb.batches(0)]
+        assert asked[:18] == [0] * 18 and asked[18:] == [1, 1]
+
+
+def test_importance_weights_of_the_plan_scale_each_kept_loss(redis_url):
+    n, bs = 2000, 100
+    plan = PlanConfig(alpha=2.0, lam=0.1, beta=1.0)
+    with Driver(n, rounds=2, redis=redis_url, run="worker-weights", plan=plan,
+                ray_address=None) as d:
+        # Some history first, so the service's priorities (and weights) differ per sample.
+        rep = LossReporter(d.redis_url, d.run, rank=0)
+        rep.report(np.arange(n), np.linspace(0.01, 3.0, n, dtype=np.float32),
+                   np.ones(n, dtype=bool), 1, 0)
+        assert rep.close(30).ok
+        deadline = 50
+        while d.info().get("lag_records", 1) > 0 and deadline:
+            import time
+
+            time.sleep(0.2)
+            deadline -= 1
+        assert d.worker_config["importance_weights"]
+        with Worker(d.worker_config, data(n), batch_size=bs) as hb:
+            ids, (x, _) = next(iter(hb.batches(0)))
+            scored = x.abs().sum(1)
+            keep = hb.select(ids, scored)
+            loss = hb.loss(scored[keep])
+        with d.client() as client:
+            p = client.plan(d.run, rank=0, world_size=1, round=0, batches=n // bs,
+                            batch_size=bs, with_weights=True)
+    w = dict(zip(p.ids.ravel().tolist(), p.weights.ravel().tolist(), strict=True))
+    kept_w = torch.tensor([w[i] for i in ids[keep].tolist()])
+    assert kept_w.min() < 0.99 * kept_w.max()  # the weights do differ
+    torch.testing.assert_close(loss, (kept_w * scored[keep]).sum() / len(keep))

@@ -1,0 +1,416 @@
+"""hardbatch inside a training loop: plan-driven batches, selection, the normalized loss.
+
+One `Worker` per training process. It finds its rank and world size in `torch.distributed`
+(Ray Train sets that up before `train_loop_per_worker` runs), else it is one process. Per step:
+
+    for ids, (x, y) in hb.batches(epoch):
+        keep = hb.select(ids, lambda: loss_fn(model(x), y))   # scoring forward, no grad
+        loss = hb.loss(loss_fn(model(x[keep]), y[keep]))     # normalized over all ranks
+        loss.backward(); optimizer.step()
+
+`select` and `loss` each do one thing the loop cannot do alone: `select` all-reduces the kept
+count (and whether a rank's filter refused its batch) before anyone's training forward, so
+ranks that keep more weigh more (design.md §6) and a NaN raises on every rank at the same step
+instead of leaving the others in a collective; `loss` divides by that global count, applies
+importance weights when plans carry them, and reports every scored loss to the store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from hardbatch.sampler.filter import per_sample, select
+from hardbatch.trainer.plan_source import Round, RoundPlans
+from hardbatch.trainer.task import IdCollate, IdDataset
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+
+SCORE_PRECISIONS = ("auto", "fp32", "bf16")
+
+
+class Reporter(Protocol):
+    """Where scored losses go (the loss store's reporter); it must not block."""
+
+    def report(self, ids: np.ndarray, losses: np.ndarray, kept: np.ndarray, step: int,
+               epoch: int) -> None: ...
+
+
+@dataclass
+class WorkerConfig:
+    """What a `Worker` needs: where plans and losses go, and how to filter.
+
+    A `Driver` makes one for its run (`driver.worker_config`, a dict for Ray's
+    `train_loop_config`); the defaults are a worker on its own: a seeded shuffle, nothing
+    streamed, the filter on.
+    """
+
+    run: str = field(default="", metadata={"help": "Run name at the store and the service."})
+    service: str = field(default="", metadata={
+        "help": "Sampler service URL; empty: a seeded local shuffle."})
+    redis: str = field(default="", metadata={
+        "help": "Redis URL of the loss store; empty: losses are not streamed."})
+    plan_fraction: float = field(default=1.0, metadata={
+        "help": "Share of the dataset each round (epoch) covers over all ranks."})
+    rounds: int | None = field(default=None, metadata={
+        "help": "Rounds in the run; no plan is asked for past the last."})
+    seed: int = field(default=0, metadata={"help": "Seed of the local shuffle."})
+    filter: bool = field(default=True, metadata={
+        "help": "Train only on the examples carrying min_loss_perc of each batch's loss."})
+    min_loss_perc: float = field(default=0.9, metadata={
+        "help": "Share of the batch loss the kept examples must carry."})
+    min_samples_perc: float = field(default=0.0, metadata={
+        "help": "Least fraction of each batch to keep."})
+    nonfinite: str = field(default="raise", metadata={
+        "help": "NaN/inf scored losses: raise (on every rank at the same step) or keep them."})
+    score_precision: str = field(default="auto", metadata={
+        "help": "Precision of the scoring forward: fp32, bf16, or auto (bf16 where the "
+                "hardware runs it fast: AMX/AVX512-BF16 CPUs, bf16 GPUs)."})
+    importance_weights: bool = field(default=False, metadata={
+        "help": "Weigh each kept loss by its plan's importance weight (plans with beta > 0)."})
+
+    def __post_init__(self) -> None:
+        select(torch.ones(1), self.min_loss_perc, self.min_samples_perc)  # its own checks
+        if not 0.0 < self.plan_fraction <= 1.0:
+            raise ValueError(f"plan_fraction must be in (0, 1], got {self.plan_fraction}")
+        if self.rounds is not None and self.rounds < 1:
+            raise ValueError(f"rounds must be >= 1, got {self.rounds}")
+        if self.nonfinite not in ("raise", "keep"):
+            raise ValueError(f"nonfinite must be raise or keep, got {self.nonfinite!r}")
+        if self.score_precision not in SCORE_PRECISIONS:
+            raise ValueError(f"score_precision must be fp32, bf16 or auto, got "
+                             f"{self.score_precision!r}")
+
+    @classmethod
+    def of(cls, config: WorkerConfig | Mapping[str, Any] | None) -> WorkerConfig:
+        """`config` itself, one made from a dict (unknown keys refused), or the defaults."""
+        if config is None:
+            return cls()
+        if isinstance(config, WorkerConfig):
+            return config
+        unknown = set(config) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown worker config keys: {sorted(unknown)}")
+        return cls(**config)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def score_dtype(precision: str, device_type: str) -> torch.dtype | None:
+    """The autocast dtype of the scoring forward (float32: autocast off), or None to leave
+    precision as the caller has it."""
+    if precision == "fp32":
+        return torch.float32
+    if precision == "bf16":
+        return torch.bfloat16
+    fast = (torch.cuda.is_bf16_supported() if device_type == "cuda"
+            else torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return torch.bfloat16 if fast else None
+
+
+def local_plan(num_samples: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
+    """A seeded shuffle of all sample ids, cut into batches (the last may be short)."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return list(torch.randperm(num_samples, generator=gen).split(batch_size))
+
+
+class PlanSampler(DistributedSampler):
+    """The sample ids of this rank's round, in plan order: a `DistributedSampler`, so Ray's
+    `prepare_data_loader` keeps it (it replaces any other sampler), and `set_epoch` picks the
+    round as with any distributed sampler."""
+
+    def __init__(self, dataset: Dataset, rounds: Callable[[int], Round], ids_per_epoch: int,
+                 rank: int, world_size: int) -> None:
+        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=False)
+        self._rounds, self._len = rounds, ids_per_epoch
+        self.current: Round | None = None
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __iter__(self) -> Iterator[int]:
+        self.current = self._rounds(self.epoch)
+        for batch in self.current:
+            yield from batch.tolist()
+
+
+class Worker:
+    """hardbatch in your training loop: plan-driven batches, selection, the normalized loss.
+
+    Args:
+        config: a `Driver`'s `worker_config` (a dict), a `WorkerConfig`, or None for a worker
+            on its own (local shuffle, filter on, nothing streamed).
+        dataset: the training set (map-style; its index is the sample id). A
+            `TensorDataset` is gathered a batch at a time.
+        batch_size: samples per batch (scored; the filter keeps a part).
+        reporter: where scored losses go instead of the config's loss store (`.report(ids,
+            losses, kept, step, epoch)`); it is not closed by `close()`.
+        device: where the scoring forward runs, for its autocast (default: Ray Train's device,
+            else CUDA when present, else CPU).
+        **loader_kwargs: more `DataLoader` arguments (`num_workers`, `pin_memory`,
+            `collate_fn` for the items, ...).
+
+    Example:
+        >>> ds = torch.utils.data.TensorDataset(torch.randn(64, 3), torch.randint(0, 2, (64,)))
+        >>> model = torch.nn.Linear(3, 2)
+        >>> loss_fn = torch.nn.CrossEntropyLoss(reduction="none")
+        >>> with Worker(None, ds, batch_size=16) as hb:
+        ...     for ids, (x, y) in hb.batches(epoch=0):
+        ...         keep = hb.select(ids, lambda: loss_fn(model(x), y))
+        ...         hb.loss(loss_fn(model(x[keep]), y[keep])).backward()
+        >>> hb.step
+        4
+    """
+
+    def __init__(self, config: WorkerConfig | Mapping[str, Any] | None, dataset: Dataset,
+                 batch_size: int, *, reporter: Reporter | None = None,
+                 device: torch.device | str | None = None, **loader_kwargs: Any) -> None:
+        self.config = cfg = WorkerConfig.of(config)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        dist = torch.distributed
+        self.rank, self.world_size = ((dist.get_rank(), dist.get_world_size())
+                                      if dist.is_available() and dist.is_initialized() else (0, 1))
+        self.num_samples = len(dataset)  # type: ignore[arg-type]
+        self.batch_size = batch_size
+        self.device = torch.device(device) if device is not None else _default_device()
+        self._score_dtype = score_dtype(cfg.score_precision, self.device.type)
+        self.step, self.service_rounds_before, self.fallback_rounds_before = 0, 0, 0
+
+        from hardbatch.services.client import SamplerClient
+        from hardbatch.trainer.reporter import LossReporter
+
+        token = _token()
+        self._client = SamplerClient(cfg.service, token=token) if cfg.service else None
+        self._plans = RoundPlans(self._client, cfg.run, self.rank, self.world_size, batch_size,
+                                 cfg.plan_fraction, cfg.seed, rounds=cfg.rounds,
+                                 with_weights=cfg.importance_weights)
+        self._own_reporter = reporter is None and bool(cfg.redis and cfg.run)
+        self.reporter: Reporter | None = (LossReporter(cfg.redis, cfg.run, self.rank)
+                                          if self._own_reporter else reporter)
+        if self._client is None and self.world_size == 1:
+            # One process, no service: every sample once per epoch, the last batch short.
+            steps = math.ceil(self.num_samples / batch_size)
+            rounds: Callable[[int], Round] = lambda e: Round(  # noqa: E731
+                local_plan(self.num_samples, batch_size, cfg.seed, e))
+            ids_per_epoch = self.num_samples
+        else:
+            steps = self._plans.steps(self.num_samples)
+            rounds, ids_per_epoch = (lambda e: self._plans(e, self.num_samples)), steps * batch_size
+        self.steps_per_epoch = steps
+        self.sampler = PlanSampler(dataset, rounds, ids_per_epoch, self.rank, self.world_size)
+        collate = IdCollate(loader_kwargs.pop("collate_fn", None))
+        self.loader = DataLoader(IdDataset(dataset), batch_size=batch_size, sampler=self.sampler,
+                                 collate_fn=collate, **loader_kwargs)
+        self._pending: _Selection | None = None
+        self._stats = np.zeros(5)  # scored loss sum, scored, kept, loss-share sum, steps
+
+    # -- batches -----------------------------------------------------------------------------
+
+    @property
+    def epoch(self) -> int:
+        return int(self.sampler.epoch)
+
+    def batches(self, epoch: int) -> DataLoader:
+        """This rank's batches of round `epoch`, as `(ids, batch)`: `hb.loader` after
+        `set_epoch(epoch)`. Every rank gets `steps_per_epoch` batches.
+
+        To use Ray's `prepare_data_loader` (device transfer), pass it `hb.loader` and call
+        `loader.sampler.set_epoch(epoch)` each epoch: its sampler is a `DistributedSampler`,
+        so Ray keeps it.
+        """
+        self.sampler.set_epoch(epoch)
+        return self.loader
+
+    # -- the step ------------------------------------------------------------------------------
+
+    def select(self, ids: torch.Tensor, score: Callable[[], torch.Tensor] | torch.Tensor
+               ) -> torch.Tensor | slice:
+        """Scores the batch and picks the examples to train on; a collective over ranks.
+
+        Args:
+            ids: the batch's sample ids (from `batches`).
+            score: a function running the forward that returns per-sample losses (called
+                without grad and, where fast, under bf16 autocast), or those losses.
+
+        Returns:
+            Indices into the batch's first dimension, on the losses' device (`slice(None)`,
+            the whole batch, with the filter off: then nothing is scored here).
+
+        Raises:
+            ValueError: a NaN/inf loss on any rank (with `nonfinite="raise"`): every rank
+                raises at the same step.
+        """
+        n = len(ids)
+        if not self.config.filter:
+            count, _ = self.all_reduce([float(n), 0.0])
+            self._pending = _Selection(ids, None, None, count, 1.0)
+            return slice(None)
+        if callable(score):
+            # fp32 turns off an autocast of the caller's; auto without fast bf16 leaves it on.
+            dtype = self._score_dtype
+            autocast = (contextlib.nullcontext() if dtype is None else torch.autocast(
+                self.device.type, dtype=dtype, enabled=dtype != torch.float32))
+            with torch.inference_mode(), autocast:
+                scored = per_sample(score()).float()
+        else:
+            scored = per_sample(score.detach()).float()
+        # Select on the CPU: one copy instead of a device sync per step of the selection; the
+        # copy also leaves inference mode, and the reporter wants the losses there anyway.
+        device = scored.device
+        scored = scored.cpu() if scored.device.type != "cpu" else scored.clone()
+        if len(scored) != n:
+            raise ValueError(f"score gave {len(scored)} losses for a batch of {n} ids")
+        try:
+            sel, refused = select(scored, self.config.min_loss_perc,
+                                  self.config.min_samples_perc,
+                                  nonfinite=self.config.nonfinite), None  # type: ignore[arg-type]
+        except ValueError as e:
+            sel, refused = None, e
+        count, n_refused = self.all_reduce([float(len(sel.indices) if sel else 0),
+                                            float(refused is not None)])
+        if n_refused:
+            raise refused or ValueError(
+                f"the loss filter refused the batch on {int(n_refused)} other rank(s)")
+        assert sel is not None
+        self._pending = _Selection(ids, scored, sel.indices, count, sel.loss_perc)
+        return sel.indices.to(device)
+
+    def loss(self, losses: torch.Tensor) -> torch.Tensor:
+        """The loss to call `backward()` on: `sum(w * kept losses) * world / global kept
+        count`, and this step's scored losses go to the loss store.
+
+        DDP averages gradients over ranks; the `* world` turns that into the sum over all kept
+        examples, divided by how many were kept over all ranks. `w` is each example's
+        importance weight when the plans carry them, else 1.
+
+        Args:
+            losses: per-sample losses (`reduction="none"`) of the examples `select` kept.
+        """
+        sel, self._pending = self._pending, None
+        if sel is None:
+            raise RuntimeError("call select() before loss(), once per batch")
+        losses = per_sample(losses)
+        ids_kept = sel.ids if sel.keep is None else sel.ids[sel.keep.to(sel.ids.device)]
+        if len(losses) != len(ids_kept):
+            raise ValueError(f"loss() got {len(losses)} losses for {len(ids_kept)} kept examples")
+        rnd = self.sampler.current
+        w = (rnd.weights_of(ids_kept) if self.config.importance_weights and rnd is not None
+             else None)
+        total = (losses * w.to(losses.device)).sum() if w is not None else losses.sum()
+        self.step += 1
+        scored = sel.scored if sel.scored is not None else losses.detach().float().cpu()
+        kept = torch.ones(len(scored), dtype=torch.bool)
+        if sel.keep is not None:
+            kept = torch.zeros(len(scored), dtype=torch.bool)
+            kept[sel.keep] = True
+        self._stats += (float(scored.sum()), len(scored), int(kept.sum()), sel.loss_share, 1)
+        if self.reporter is not None:
+            self.reporter.report(sel.ids.cpu().numpy(), scored.numpy(), kept.numpy(), self.step,
+                                 self.epoch)
+        return total * (self.world_size / sel.count)
+
+    # -- numbers -------------------------------------------------------------------------------
+
+    def all_reduce(self, values: list[float]) -> list[float]:
+        """Sums `values` over all ranks (a collective when there are several)."""
+        if self.world_size == 1:
+            return values
+        dist = torch.distributed
+        # NCCL reduces only CUDA tensors, gloo CPU ones.
+        on = (torch.device("cuda", torch.cuda.current_device())
+              if dist.get_backend() == "nccl" else torch.device("cpu"))
+        t = torch.tensor(values, dtype=torch.float64, device=on)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def summary(self) -> dict[str, float]:
+        """Since the last summary, over all ranks (a collective): mean scored loss
+        (`train_loss`), kept fraction (`samp_perc`), mean loss share kept (`loss_perc`) and
+        `steps` per rank."""
+        loss_sum, scored, kept, share_sum, steps = self.all_reduce(self._stats.tolist())
+        self._stats[:] = 0
+        return {"train_loss": loss_sum / max(scored, 1), "samp_perc": kept / max(scored, 1),
+                "loss_perc": share_sum / max(steps, 1), "steps": steps / self.world_size}
+
+    @property
+    def kept_fraction(self) -> float:
+        """Kept share of what this rank scored since the last `summary()` (no collective)."""
+        return float(self._stats[2] / max(self._stats[1], 1))
+
+    @property
+    def service_rounds(self) -> int:
+        """Rounds this rank trained on the service's plans."""
+        return self.service_rounds_before + self._plans.service_rounds
+
+    @property
+    def fallback_rounds(self) -> int:
+        """Rounds this rank trained on a local shuffle because the service was away."""
+        return self.fallback_rounds_before + self._plans.fallback_rounds
+
+    def state_dict(self) -> dict[str, int]:
+        """What to save in your checkpoint; the plans themselves are the service's."""
+        return {"step": self.step, "epoch": self.epoch, "service_rounds": self.service_rounds,
+                "fallback_rounds": self.fallback_rounds}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        """Continues from `state_dict()`: step numbers and round counters go on."""
+        self.step = int(state["step"])
+        self.sampler.set_epoch(int(state["epoch"]))
+        self.service_rounds_before = int(state["service_rounds"]) - self._plans.service_rounds
+        self.fallback_rounds_before = int(state["fallback_rounds"]) - self._plans.fallback_rounds
+
+    # -- the end -------------------------------------------------------------------------------
+
+    def close(self, timeout_s: float = 60.0) -> Any:
+        """Stops the plan prefetch and flushes the loss reporter it made (up to `timeout_s`);
+        returns that reporter's delivery report (None without one)."""
+        self._plans.close()
+        delivery = None
+        if self._own_reporter and self.reporter is not None:
+            delivery = self.reporter.close(timeout_s)  # type: ignore[attr-defined]
+            self._own_reporter = False
+        if self._client is not None:
+            self._client.close()
+        return delivery
+
+    def __enter__(self) -> Worker:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+@dataclass
+class _Selection:
+    ids: torch.Tensor
+    scored: torch.Tensor | None  # CPU float32, or None with the filter off
+    keep: torch.Tensor | None  # CPU indices, or None with the filter off
+    count: float  # kept over all ranks
+    loss_share: float
+
+
+def _default_device() -> torch.device:
+    if "ray.train" in sys.modules:  # only inside Ray does asking Ray make sense (and is cheap)
+        try:
+            import ray.train.torch
+
+            return torch.device(ray.train.torch.get_device())
+        except Exception:  # noqa: BLE001 - not in a Ray Train worker: fall through
+            pass
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _token() -> str | None:
+    # Plans are a write at the service: they need its token, from the environment only, so it
+    # never lands in a config that Ray stores.
+    return os.environ.get("HARDBATCH_API_TOKEN") or None
