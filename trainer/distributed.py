@@ -78,9 +78,9 @@ class JobConfig(TrainConfig):
         """How the service's plans lean toward hard samples."""
         return PlanConfig(alpha=self.alpha, lam=self.lam, total_rounds=self.epochs)
 
-    def worker_config(self) -> WorkerConfig:
-        """The workers' filter settings and plan fraction."""
-        return self.train_config().worker_config(plan_fraction=self.plan_fraction)
+    def worker_config(self, **overrides: Any) -> WorkerConfig:
+        """The workers' filter settings and plan fraction (plus `overrides`)."""
+        return super().worker_config(**{"plan_fraction": self.plan_fraction, **overrides})
 
     def train_config(self) -> TrainConfig:
         names = {f.name for f in dataclasses.fields(TrainConfig)}

@@ -154,7 +154,7 @@ def iter_batches(
     at 90% of this one) sees the training's real progress.
     """
     lists = ([int(i) for i in b] for b in id_batches)
-    loader = DataLoader(IdDataset(dataset), batch_sampler=lists,  # type: ignore[arg-type]
+    loader = DataLoader(IdDataset(dataset), batch_sampler=lists,
                         num_workers=num_workers, collate_fn=IdCollate())
     for ids, batch in loader:
         yield ids, tuple(batch)

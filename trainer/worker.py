@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import os
 import sys
@@ -191,6 +192,9 @@ class Worker:
 
         token = _token()
         self._client = SamplerClient(cfg.service, token=token) if cfg.service else None
+        if self._client is not None and logging.getLogger("httpx").level == logging.NOTSET:
+            # httpx logs every request at INFO: one line per plan in the user's training log.
+            logging.getLogger("httpx").setLevel(logging.WARNING)
         self._plans = RoundPlans(self._client, cfg.run, self.rank, self.world_size, batch_size,
                                  cfg.plan_fraction, cfg.seed, rounds=cfg.rounds,
                                  with_weights=cfg.importance_weights)
