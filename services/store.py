@@ -29,7 +29,13 @@ from typing import Any
 
 import numpy as np
 import redis
-from hardbatch.sampler.hardness import FIELD_DTYPES, FIELDS, MAX_SAMPLES, HardnessTable
+from hardbatch.sampler.hardness import (
+    DEFAULT_DECAY,
+    FIELD_DTYPES,
+    FIELDS,
+    MAX_SAMPLES,
+    HardnessTable,
+)
 from hardbatch.sampler.records import RECORD_DTYPE, RECORD_SIZE, to_bytes
 
 RUNS_KEY = "hb:runs"
@@ -257,7 +263,7 @@ class LossStore:
 
     # -- runs ------------------------------------------------------------------------------
 
-    def register_run(self, run: str, num_samples: int, ema_decay: float = 0.9,
+    def register_run(self, run: str, num_samples: int, ema_decay: float = DEFAULT_DECAY,
                      retain_log: bool = False) -> bool:
         """Registers a run, or checks an existing one has the same size and decay.
 
