@@ -58,7 +58,7 @@ class CostModelConfig:
     Attributes:
         margin: Filtering turns on when a filtered step is predicted to cost less than
             `1 - margin` of a full step, and off when it costs more than a full step.
-        warmup_steps: Steps measured in each mode (filter first) before the first decision.
+        warmup_steps: Steps measured in each mode (full first) before the first decision.
         probe_every: Steps between probes of the mode not in use.
         probe_steps: Steps per probe.
         smoothing: Weight of the old estimate when a new measurement arrives (an EMA).
@@ -112,10 +112,12 @@ class CostModel:
     def decide(self, step: int) -> Mode:
         """The mode of `step` (steps count up from 0; the same step always gets one answer)."""
         cfg, est = self.config, self._est
-        if est.filter_steps < cfg.warmup_steps:
-            return Mode.FILTER
+        # Full steps first: a filtered step is judged against them (the fixed share `o` needs
+        # the cost of a full step), and early in training the filter seldom pays anyway.
         if est.full_steps < cfg.warmup_steps:
             return Mode.FULL
+        if est.filter_steps < cfg.warmup_steps:
+            return Mode.FILTER
         rho = self.predicted_ratio()
         assert rho is not None  # both modes measured
         if self.mode is Mode.FILTER and rho > 1.0:
