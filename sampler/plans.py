@@ -374,8 +374,8 @@ def compose_round(
         >>> h = np.linspace(0.0, 2.0, 1000).astype(np.float32)
         >>> snap = PrioritySnapshot.build(h, np.ones(1000), PlanConfig())
         >>> plan = compose_round(snap, seed=0, round_=1, world_size=2, batches=3, batch_size=100)
-        >>> plan.ids.shape, round(float(plan.weights.sum()))
-        ((2, 3, 100), 600)
+        >>> plan.ids.shape, bool(abs(plan.weights.sum() - 600) < 30)  # weights average ~1
+        ((2, 3, 100), True)
     """
     if round_ < 0:
         raise ValueError(f"round must be >= 0, got {round_}")
