@@ -363,23 +363,33 @@ class SuspectRule:
     until the model memorizes it, which the plans prevent by giving suspects weight 0 (they
     are still scored now and then, so a sample the model comes to get right is cleared).
 
+    The level is `max(factor * reference, floor)`. The floor matters on clean data, where the
+    median loss goes to nearly 0 late in training and any multiple of it would flag ordinary
+    hard samples; 1.0 suits cross-entropy (the model gives the label less than e**-1 = 37%).
+    On MNIST-1D with 20% flipped labels, factor 4 flagged 10,041 samples at precision 0.99 and
+    recall 0.995 at the end of an 8-round run (factor 8: precision 1.0, recall 0.67).
+
     Attributes:
         min_scorings: Scorings needed before a sample can be suspect.
         factor: How far above the reference its hardness and last loss must stay.
+        floor: The level never goes below this.
     """
 
     min_scorings: int = 4
-    factor: float = 8.0
+    factor: float = 4.0
+    floor: float = 1.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_scorings <= 2**32 - 1:
             raise ValueError(f"min_scorings must be >= 1, got {self.min_scorings}")
         if not (math.isfinite(self.factor) and self.factor > 0.0):
             raise ValueError(f"factor must be a positive number, got {self.factor}")
+        if not math.isfinite(self.floor):
+            raise ValueError(f"floor must be finite, got {self.floor}")
 
     def threshold(self, reference: float) -> float:
         """The level above which a sample (scored often enough) is suspect."""
-        return self.factor * max(reference, 0.0)
+        return max(self.factor * max(reference, 0.0), self.floor)
 
     def mask(self, seen: np.ndarray, ema: np.ndarray, last_loss: np.ndarray,
              threshold: float) -> np.ndarray:

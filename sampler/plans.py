@@ -64,8 +64,9 @@ class PlanConfig:
         strata: Priority bins a round is stratified into (more: closer to the exact target).
         suspect_scorings: Scorings before a sample can be a suspected label error.
         suspect_factor: A sample whose hardness and last loss stay above this many times the
-            run's median hardness is suspect (see `hardness.SuspectRule`); 0 turns the noise
-            guard off.
+            run's median hardness (and above `suspect_floor`) is suspect (see
+            `hardness.SuspectRule`); 0 turns the noise guard off.
+        suspect_floor: The suspect level never goes below this (1.0: cross-entropy scale).
     """
 
     alpha: float = 1.0
@@ -77,7 +78,8 @@ class PlanConfig:
     hardness: str = "ema"
     strata: int = 16
     suspect_scorings: int = 4
-    suspect_factor: float = 8.0
+    suspect_factor: float = 4.0
+    suspect_floor: float = 1.0
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.alpha) and 0.0 <= self.alpha <= 16.0):
@@ -102,12 +104,14 @@ class PlanConfig:
             raise ValueError(f"suspect_scorings must be >= 1, got {self.suspect_scorings}")
         if not (math.isfinite(self.suspect_factor) and self.suspect_factor >= 0.0):
             raise ValueError(f"suspect_factor must be >= 0, got {self.suspect_factor}")
+        if not math.isfinite(self.suspect_floor):
+            raise ValueError(f"suspect_floor must be finite, got {self.suspect_floor}")
 
     def suspect_rule(self) -> SuspectRule | None:
         """The noise guard's rule, or None when it is off."""
         if self.suspect_factor == 0.0:
             return None
-        return SuspectRule(self.suspect_scorings, self.suspect_factor)
+        return SuspectRule(self.suspect_scorings, self.suspect_factor, self.suspect_floor)
 
     def is_uniform_round(self, round_: int) -> bool:
         """Whether `round_` falls in the annealed (uniform) tail of training."""
@@ -199,17 +203,24 @@ class PrioritySnapshot:
         ids = np.flatnonzero(eligible)
         strata = config.strata
         if config.alpha == 0.0 or len(ids) == 0:
-            p = np.ones(len(ids), dtype=np.float64)
+            p = np.ones(len(ids), dtype=np.float32)
             key = np.zeros(len(ids), dtype=np.int16)
         else:
             # log p = alpha * log((h + eps) / (h_max + eps)) in [log p_min, 0]: equal-width bins
-            # of log p, so priorities inside a stratum differ by a bounded factor.
-            logp = config.alpha * (np.log(h[ids].astype(np.float64) + config.eps)
-                                   - math.log(h_max + config.eps))
-            p = np.exp(logp)
+            # of log p, so priorities inside a stratum differ by a bounded factor. float32
+            # throughout: 10M samples build in a fraction of a second.
+            logp = h[ids]
+            logp += np.float32(config.eps)
+            np.log(logp, out=logp)
+            logp -= np.float32(math.log(h_max + config.eps))
+            logp *= np.float32(config.alpha)
+            np.minimum(logp, np.float32(0.0), out=logp)
             lo = float(logp.min())
             width = -lo / strata if lo < 0 else 1.0
-            key = np.minimum(((logp - lo) / width).astype(np.int64), strata - 1).astype(np.int16)
+            scaled = (logp - np.float32(lo)) * np.float32(1.0 / width)
+            np.clip(scaled, 0, strata - 1, out=scaled)
+            key = scaled.astype(np.int16)
+            p = np.exp(logp, out=logp)
         # A stable sort of small ints is a radix sort in numpy: O(N).
         order = np.argsort(key, kind="stable")
         members = ids[order]

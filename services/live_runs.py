@@ -376,7 +376,7 @@ def plan_config_to_strings(cfg: PlanConfig) -> dict[str, str]:
         "total_rounds": "" if cfg.total_rounds is None else str(cfg.total_rounds),
         "hardness": cfg.hardness, "strata": str(cfg.strata),
         "suspect_scorings": str(cfg.suspect_scorings),
-        "suspect_factor": repr(cfg.suspect_factor),
+        "suspect_factor": repr(cfg.suspect_factor), "suspect_floor": repr(cfg.suspect_floor),
     }
 
 
@@ -390,4 +390,5 @@ def plan_config_from_strings(d: dict[str, str]) -> PlanConfig:
         hardness=d["hardness"], strata=int(d.get("strata", default.strata)),
         suspect_scorings=int(d.get("suspect_scorings", default.suspect_scorings)),
         suspect_factor=float(d.get("suspect_factor", default.suspect_factor)),
+        suspect_floor=float(d.get("suspect_floor", default.suspect_floor)),
     )

@@ -76,6 +76,9 @@ class PlanConfigModel(BaseModel):
         default=_PLAN.suspect_factor, ge=0.0, le=1e6,
         description="Suspect when hardness and last loss stay above this many times the "
                     "median hardness; 0 turns the noise guard off.")
+    suspect_floor: float = Field(
+        default=_PLAN.suspect_floor, ge=-1e6, le=1e6,
+        description="The suspect level never goes below this (1.0: cross-entropy scale).")
 
     def to_config(self) -> PlanConfig:
         return PlanConfig(**self.model_dump())
@@ -85,7 +88,8 @@ class PlanConfigModel(BaseModel):
         return cls(alpha=cfg.alpha, lam=cfg.lam, eps=cfg.eps, beta=cfg.beta,
                    anneal_frac=cfg.anneal_frac, total_rounds=cfg.total_rounds,
                    hardness=cfg.hardness, strata=cfg.strata,  # type: ignore[arg-type]
-                   suspect_scorings=cfg.suspect_scorings, suspect_factor=cfg.suspect_factor)
+                   suspect_scorings=cfg.suspect_scorings, suspect_factor=cfg.suspect_factor,
+                   suspect_floor=cfg.suspect_floor)
 
 
 class RunDetail(BaseModel):

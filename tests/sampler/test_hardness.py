@@ -72,6 +72,8 @@ def test_suspect_rule() -> None:
     last = np.array([2.5, 3.0, 9.0, 0.5, 0.0, 0.1], dtype=np.float32)
     thr = rule.threshold(0.5)
     assert thr == 2.0
+    assert rule.threshold(0.001) == 1.0  # the floor, on clean data late in training
+    assert SuspectRule(floor=0.0).threshold(0.001) == pytest.approx(0.004)
     # High, but: below in ema / too few scorings / low / unseen / fell at the last scoring.
     assert rule.mask(seen, ema, last, thr).tolist() == [True, False, False, False, False, False]
     h = np.array([0.5, 0.1, 0.9, 7.0, 100.0], dtype=np.float32)
@@ -81,6 +83,8 @@ def test_suspect_rule() -> None:
         SuspectRule(min_scorings=0)
     with pytest.raises(ValueError):
         SuspectRule(factor=0.0)
+    with pytest.raises(ValueError):
+        SuspectRule(floor=float("nan"))
 
 
 def test_first_record_sets_ema_then_blends() -> None:

@@ -238,6 +238,7 @@ def test_bad_hardness_values_get_a_policy():
         {"beta": 2.0}, {"anneal_frac": 0.5}, {"anneal_frac": 1.5, "total_rounds": 4},
         {"total_rounds": 0}, {"hardness": "loss"}, {"strata": 0}, {"strata": 257},
         {"suspect_scorings": 0}, {"suspect_factor": -1.0}, {"suspect_factor": float("inf")},
+        {"suspect_floor": float("inf")},
     ],
 )
 def test_bad_config_raises(cfg):
@@ -247,8 +248,8 @@ def test_bad_config_raises(cfg):
 
 def test_suspect_factor_zero_turns_the_guard_off():
     assert PlanConfig(suspect_factor=0.0).suspect_rule() is None
-    rule = PlanConfig(suspect_scorings=3, suspect_factor=5.0).suspect_rule()
-    assert rule is not None and (rule.min_scorings, rule.factor) == (3, 5.0)
+    rule = PlanConfig(suspect_scorings=3, suspect_factor=5.0, suspect_floor=0.5).suspect_rule()
+    assert rule is not None and (rule.min_scorings, rule.factor, rule.floor) == (3, 5.0, 0.5)
 
 
 def test_bad_round_raises():
