@@ -1,29 +1,37 @@
 """Plan composition: which sample ids every rank trains on next (design.md §5).
 
-A *round* is one call of `compose_round`: it picks `world_size * batches * batch_size` distinct
-ids for all ranks at once and splits them disjointly, so every rank gets the same number of
-batches and no id goes to two ranks. A rank's plan is its slice of the round.
+A *round* is one call of `compose_round`: it picks `M = world_size * batches * batch_size`
+distinct ids for all ranks at once and splits them disjointly, so every rank gets the same number
+of batches and no id goes to two ranks. A rank's plan is its slice of the round.
 
-How ids are picked, for a hardness snapshot `h` (e.g. the moving average of each sample's loss):
+The round is a *stratified sample with known inclusion probabilities*, so its importance weights
+make the gradient unbiased exactly, not approximately (InfoBatch's rescaled pruning, generalized
+from two strata to several). For a hardness snapshot `h` (the current hardness of each sample):
 
-- priority `p_i = ((h_i + eps) / (max h + eps)) ** alpha` (the division only keeps the float32
-  power from overflowing; scaling every priority by one constant changes nothing);
-- samples never scored get the maximum priority and, beyond that, come first: a round takes
-  every unseen sample before any seen one (a random subset of them when there are more than the
-  round needs);
-- target distribution `q_i = (1 - lam) p_i / sum(p) + lam / N`, a uniform floor so nothing
-  starves;
-- the rest of the round is *successive sampling without replacement* from `q`: draw with
-  replacement, drop ids already taken, keep the first distinct ones in draw order. That is exactly
-  the same distribution as Efraimidis–Spirakis keys, but costs a binary search per draw in a
-  cumulative sum that is cached per snapshot, instead of a pass over all N samples per round;
-- optional importance weights `w_i = (N q_i) ** -beta / max_j (N q_j) ** -beta`, normalised by
-  the largest weight over the whole table so every rank of a round uses the same scale;
-- optional annealing: rounds in the last `anneal_frac` of `total_rounds` are uniform (weights 1);
+- priority `p_i = ((h_i + eps) / (max h + eps)) ** alpha` (scaled to (0, 1] so the float32 power
+  cannot overflow), and target `q_i = (1 - lam) p_i / sum(p) + lam / n`, a uniform floor so
+  nothing starves (`n`: scored samples that are not suspect);
+- samples never scored come first: a round takes every unseen sample before any seen one (a
+  uniform subset of them when there are more than the round needs; such a round has weights 1);
+- the scored samples are put in `strata` bins by priority (equal widths of log p, so the build is
+  O(N), no sort). The remaining `R` slots get the inclusion probabilities `pi_i = min(1, c q_i)`
+  with `c` solved so that they sum to R, averaged per stratum: stratum s takes `m_s` ids
+  (largest remainder, summing to R exactly) uniformly without replacement, so every member's
+  inclusion probability is exactly `pi_s = m_s / n_s`. Well-learned samples (low h) are pruned
+  down to their floor, samples still being learned are over-sampled up to every one of them;
+- importance weight `w_i = ((M / N) / pi_i) ** beta`. With beta = 1 the expected weighted sum
+  over a round, `E[sum_{i in round} w_i g_i] = (M / N) sum_i g_i`, is the full-data sum scaled to
+  the round, and the weights of a round add up to M exactly: divide by the kept count (or by the
+  kept weight) and the loss scale matches uniform training. beta < 1 keeps part of the bias;
+- suspects (the noise guard, `hardness.SuspectRule`) are taken only at the uniform floor's rate
+  and always get weight 0: the worker scores them (which keeps their record current, so a sample
+  the model comes to get right is cleared) but never trains on them;
+- annealing: rounds in the last `anneal_frac` of `total_rounds` are uniform over all ids
+  (weights 1, suspects still 0), as InfoBatch ends on the full data;
 - deterministic: the random stream is seeded from (seed, round, world size) only, so the same
   snapshot gives the same round after a restart.
 
-Everything here is pure numpy: no I/O.
+A round costs O(M) after an O(N) build per snapshot. Everything here is pure numpy: no I/O.
 """
 
 from __future__ import annotations
@@ -32,43 +40,46 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from hardbatch.sampler.hardness import SuspectRule
 
 #: Hardness fields a plan can be biased by.
 HARDNESS_FIELDS = ("ema", "last_loss")
 
-# Ids per block of the two-level search (see `_search`): 2**7 float64 = 1 KiB of cdf per block.
-_BLOCK_BITS = 7
-_BLOCK = 1 << _BLOCK_BITS
-
-# Below this acceptance rate the rejection loop is wasting draws on ids already taken; it then
-# rebuilds the cumulative sum without them (still exact: it is the same conditional law).
-_MIN_ACCEPTANCE = 0.3
-
 
 @dataclass(frozen=True)
 class PlanConfig:
-    """How strongly plans lean toward hard samples.
+    """How plans lean toward samples still being learned.
 
     Attributes:
         alpha: Priority exponent; 0 gives uniform plans, larger values favour hard samples more.
         lam: Uniform floor in [0, 1]: the share of the target distribution spread evenly over all
             samples, so no sample's chance drops to zero.
         eps: Added to hardness before the power so zero-loss samples keep a small priority.
-        beta: Importance-weight exponent in [0, 1]; 0 gives all weights 1, 1 fully corrects the
-            bias toward hard samples.
+        beta: Importance-weight exponent in [0, 1]; 1 makes the weighted gradient unbiased, 0
+            gives all weights 1 (a plain hard bias).
         anneal_frac: Fraction of `total_rounds` at the end that is sampled uniformly (InfoBatch
             uses 0.125). 0 turns annealing off.
         total_rounds: Rounds in the whole training run; needed when `anneal_frac > 0`.
-        hardness: Which table field is the hardness: "ema" (moving average) or "last_loss".
+        hardness: Which table field is the hardness: "ema" (current hardness) or "last_loss".
+        strata: Priority bins a round is stratified into (more: closer to the exact target).
+        suspect_scorings: Scorings before a sample can be a suspected label error.
+        suspect_factor: A sample whose hardness and last loss stay above this many times the
+            run's median hardness (and above `suspect_floor`) is suspect (see
+            `hardness.SuspectRule`); 0 turns the noise guard off.
+        suspect_floor: The suspect level never goes below this (1.0: cross-entropy scale).
     """
 
     alpha: float = 1.0
     lam: float = 0.1
     eps: float = 1e-3
-    beta: float = 0.0
+    beta: float = 1.0
     anneal_frac: float = 0.0
     total_rounds: int | None = None
     hardness: str = "ema"
+    strata: int = 16
+    suspect_scorings: int = 4
+    suspect_factor: float = 4.0
+    suspect_floor: float = 1.0
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.alpha) and 0.0 <= self.alpha <= 16.0):
@@ -87,6 +98,20 @@ class PlanConfig:
             raise ValueError("anneal_frac > 0 needs total_rounds")
         if self.hardness not in HARDNESS_FIELDS:
             raise ValueError(f"hardness must be one of {HARDNESS_FIELDS}, got {self.hardness!r}")
+        if not 1 <= self.strata <= 256:
+            raise ValueError(f"strata must be in [1, 256], got {self.strata}")
+        if self.suspect_scorings < 1:
+            raise ValueError(f"suspect_scorings must be >= 1, got {self.suspect_scorings}")
+        if not (math.isfinite(self.suspect_factor) and self.suspect_factor >= 0.0):
+            raise ValueError(f"suspect_factor must be >= 0, got {self.suspect_factor}")
+        if not math.isfinite(self.suspect_floor):
+            raise ValueError(f"suspect_floor must be finite, got {self.suspect_floor}")
+
+    def suspect_rule(self) -> SuspectRule | None:
+        """The noise guard's rule, or None when it is off."""
+        if self.suspect_factor == 0.0:
+            return None
+        return SuspectRule(self.suspect_scorings, self.suspect_factor, self.suspect_floor)
 
     def is_uniform_round(self, round_: int) -> bool:
         """Whether `round_` falls in the annealed (uniform) tail of training."""
@@ -97,36 +122,30 @@ class PlanConfig:
 
 @dataclass(frozen=True)
 class PrioritySnapshot:
-    """Priorities of one hardness snapshot, precomputed so each round costs O(round size).
+    """One hardness snapshot, stratified so each round costs O(round size).
 
     Build it with `PrioritySnapshot.build`; it holds no reference to the table it came from.
 
     Attributes:
-        config: The plan config the priorities were built with.
+        config: The plan config it was built with.
         n: Number of samples (ids 0..n-1).
-        cdf: Cumulative sum (float64) of the priorities of *seen* samples, unseen ones count 0:
-            unseen samples are always taken before the sampling that uses it.
-        block_ends: `cdf` at the end of every block of `_BLOCK` ids: a small index that stays in
-            cache, so a draw costs one search in it and a few probes in one block of `cdf`.
         unseen: Ids never scored, ascending.
-        hardness: float32 hardness per id (clipped to >= 0; unseen and non-finite -> max).
-        p_seen_total: Sum of seen priorities (== cdf[-1]).
-        p_total: Sum of all priorities, unseen ones at the maximum priority.
-        h_max: Largest finite hardness among seen samples (priority 1), 0 when none is seen.
-        q_min: Smallest target probability over the table (sets the weight scale).
+        suspect: Bool per id: a suspected label error (never trained on, weight 0).
+        members: Ids of the scored, non-suspect samples grouped by stratum (stable order).
+        bounds: `members[bounds[s]:bounds[s + 1]]` is stratum s.
+        q_mean: Mean target probability `q` of each stratum (float64).
+        suspects: Ids of the suspects, ascending.
         version: Caller's tag for the table state this came from.
     """
 
     config: PlanConfig
     n: int
-    cdf: np.ndarray
-    block_ends: np.ndarray
     unseen: np.ndarray
-    hardness: np.ndarray
-    p_seen_total: float
-    p_total: float
-    h_max: float
-    q_min: float
+    suspect: np.ndarray
+    members: np.ndarray
+    bounds: np.ndarray
+    q_mean: np.ndarray
+    suspects: np.ndarray
     version: int = 0
 
     @classmethod
@@ -136,8 +155,9 @@ class PrioritySnapshot:
         seen: np.ndarray,
         config: PlanConfig,
         version: int = 0,
+        suspect: np.ndarray | None = None,
     ) -> PrioritySnapshot:
-        """Precompute priorities from a hardness array and a times-seen array.
+        """Stratify a hardness array.
 
         Args:
             hardness: Per-sample hardness, shape (N,). Negative values count as 0; NaN/inf on a
@@ -145,9 +165,17 @@ class PrioritySnapshot:
             seen: Times each sample was scored, shape (N,); 0 means never scored.
             config: Plan config.
             version: Tag for the table state, stored on the snapshot.
+            suspect: Bool per sample, suspected label errors (see `hardness.SuspectRule`);
+                None: no suspects.
 
         Raises:
             ValueError: Empty or mismatched arrays.
+
+        Example:
+            >>> h = np.array([0.01, 0.02, 2.0, 3.0], dtype=np.float32)
+            >>> snap = PrioritySnapshot.build(h, np.ones(4), PlanConfig(strata=2))
+            >>> [len(snap.stratum(s)) for s in range(2)]
+            [2, 2]
         """
         h_in = np.asarray(hardness)
         seen_in = np.asarray(seen)
@@ -159,58 +187,112 @@ class PrioritySnapshot:
         n = int(h_in.shape[0])
         if n == 0:
             raise ValueError("cannot compose plans for an empty table")
+        sus = (np.zeros(n, dtype=bool) if suspect is None
+               else np.asarray(suspect, dtype=bool).copy())
+        if sus.shape != (n,):
+            raise ValueError(f"suspect must have shape ({n},), got {sus.shape}")
         is_seen = seen_in > 0
+        sus &= is_seen
+        eligible = is_seen & ~sus
         h = h_in.astype(np.float32, copy=True)
         finite = np.isfinite(h)
         np.maximum(h, 0.0, out=h)
-        usable = is_seen & finite
+        usable = eligible & finite
         h_max = float(np.max(h, where=usable, initial=0.0))
-        # Unseen and non-finite samples sit at the top priority (1 after scaling).
-        np.copyto(h, np.float32(h_max), where=~usable)
-        if config.alpha == 0.0:
-            p = np.ones(n, dtype=np.float32)
+        np.copyto(h, np.float32(h_max), where=~finite)
+        ids = np.flatnonzero(eligible)
+        strata = config.strata
+        if config.alpha == 0.0 or len(ids) == 0:
+            p = np.ones(len(ids), dtype=np.float32)
+            key = np.zeros(len(ids), dtype=np.int16)
         else:
-            # Scaled to (0, 1] before the power so float32 cannot overflow.
-            p = (h + np.float32(config.eps)) / np.float32(h_max + config.eps)
-            if config.alpha != 1.0:
-                np.power(p, np.float32(config.alpha), out=p)
-        np.copyto(p, np.float32(0.0), where=~is_seen)
-        cdf = p.astype(np.float64)
-        np.cumsum(cdf, out=cdf)
-        unseen = np.flatnonzero(~is_seen)
-        p_seen_total = float(cdf[-1])
-        p_total = p_seen_total + 1.0 * len(unseen)
-        # In float64 so a float32 underflow cannot make the weight scale infinite.
-        p_min = ((float(h.min()) + config.eps) / (h_max + config.eps)) ** config.alpha
-        q_min = (1.0 - config.lam) * p_min / p_total + config.lam / n
+            # log p = alpha * log((h + eps) / (h_max + eps)) in [log p_min, 0]: equal-width bins
+            # of log p, so priorities inside a stratum differ by a bounded factor. float32
+            # throughout: 10M samples build in a fraction of a second.
+            logp = h[ids]
+            logp += np.float32(config.eps)
+            np.log(logp, out=logp)
+            logp -= np.float32(math.log(h_max + config.eps))
+            logp *= np.float32(config.alpha)
+            np.minimum(logp, np.float32(0.0), out=logp)
+            lo = float(logp.min())
+            width = -lo / strata if lo < 0 else 1.0
+            scaled = (logp - np.float32(lo)) * np.float32(1.0 / width)
+            np.clip(scaled, 0, strata - 1, out=scaled)
+            key = scaled.astype(np.int16)
+            p = np.exp(logp, out=logp)
+        # A stable sort of small ints is a radix sort in numpy: O(N).
+        order = np.argsort(key, kind="stable")
+        members = ids[order]
+        counts = np.bincount(key, minlength=strata)
+        bounds = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        p_sum = np.bincount(key, weights=p, minlength=strata)
+        n_elig = max(len(ids), 1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            p_mean = np.where(counts > 0, p_sum / np.maximum(counts, 1), 0.0)
+        total_p = float(p.sum()) or 1.0
+        q_mean = (1.0 - config.lam) * p_mean / total_p + config.lam / n_elig
         return cls(
-            config=config,
-            n=n,
-            cdf=cdf,
-            block_ends=np.ascontiguousarray(cdf[_BLOCK - 1::_BLOCK]),
-            unseen=unseen,
-            hardness=h,
-            p_seen_total=p_seen_total,
-            p_total=p_total,
-            h_max=h_max,
-            q_min=q_min,
-            version=version,
+            config=config, n=n, unseen=np.flatnonzero(~is_seen), suspect=sus, members=members,
+            bounds=bounds, q_mean=q_mean, suspects=np.flatnonzero(sus), version=version,
         )
 
-    def target_probability(self, ids: np.ndarray) -> np.ndarray:
-        """Target probability `q_i` of each id (float64), unseen ones at the top priority."""
-        cfg = self.config
-        h = self.hardness[ids].astype(np.float64)
-        p = ((h + cfg.eps) / (self.h_max + cfg.eps)) ** cfg.alpha
-        return (1.0 - cfg.lam) * p / self.p_total + cfg.lam / self.n
+    def stratum(self, s: int) -> np.ndarray:
+        """Ids of stratum s (lowest priority first)."""
+        return self.members[self.bounds[s]:self.bounds[s + 1]]
 
-    def weights(self, ids: np.ndarray) -> np.ndarray:
-        """Importance weights `(N q_i)^-beta`, divided by the largest over the table (float32)."""
-        if self.config.beta == 0.0:
-            return np.ones(len(ids), dtype=np.float32)
-        q = self.target_probability(ids)
-        w = (self.q_min / q) ** self.config.beta
-        return np.minimum(w, 1.0).astype(np.float32)
+    @property
+    def sizes(self) -> np.ndarray:
+        return np.diff(self.bounds)
+
+    def allocate(self, slots: int) -> np.ndarray:
+        """Expected ids each stratum gives to `slots` places (float64, summing to
+        min(slots, members)).
+
+        The inclusion probability `pi_s = min(1, c q_s)` with `c` set so `sum n_s pi_s = slots`
+        (strata that would exceed 1 are capped and the rest re-solved); stratum s's expected
+        count is `n_s pi_s`. A round rounds these to integers at random (`_round_counts`), so
+        the inclusion probability of every member is exactly `pi_s`, also for strata expecting
+        less than one id.
+        """
+        sizes = self.sizes.astype(np.float64)
+        slots = min(slots, int(sizes.sum()))
+        pi = np.zeros(len(sizes))
+        if slots <= 0:
+            return pi
+        capped = np.zeros(len(sizes), dtype=bool)
+        live = sizes > 0
+        for _ in range(len(sizes) + 1):
+            free = live & ~capped
+            left = slots - sizes[capped].sum()
+            mass = float((sizes[free] * self.q_mean[free]).sum())
+            pi[:] = 0.0
+            pi[capped] = 1.0
+            if mass > 0:
+                pi[free] = left * self.q_mean[free] / mass
+            over = free & (pi > 1.0)
+            if not over.any():
+                break
+            capped |= over
+        return sizes * np.minimum(pi, 1.0)
+
+
+def _round_counts(expected: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Integer counts with the given expectations and their (integer) sum, at random.
+
+    Systematic rounding: the fractional parts laid end to end, one uniform offset, a unit at
+    every integer crossing. Each count is floor or ceil of its expectation, E[count] equals the
+    expectation exactly, and the counts always add up to the total.
+    """
+    base = np.floor(expected)
+    frac = expected - base
+    total = int(round(float(frac.sum())))
+    if total == 0:
+        return base.astype(np.int64)
+    edges = np.concatenate([[0.0], np.cumsum(frac)])
+    edges *= total / edges[-1]  # float error must not lose or add a unit
+    hits = np.floor(edges - rng.random())
+    return (base + np.diff(hits)).astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -219,7 +301,8 @@ class RoundPlan:
 
     Attributes:
         ids: int64 array of shape (world_size, batches, batch_size), ids disjoint.
-        weights: float32 array of the same shape (all 1 when beta == 0 or the round is uniform).
+        weights: float32 array of the same shape: importance weights (1 when beta == 0 or the
+            round is uniform), 0 for suspects, whom the worker must not train on.
         round: Round number.
         world_size: Number of ranks.
         uniform: Whether this round was annealed to uniform sampling.
@@ -282,10 +365,10 @@ def compose_round(
     batches: int,
     batch_size: int,
 ) -> RoundPlan:
-    """Compose one round for all ranks from a priority snapshot.
+    """Compose one round for all ranks from a stratified snapshot.
 
     Args:
-        snapshot: Precomputed priorities.
+        snapshot: The stratified hardness snapshot.
         seed: The run's seed.
         round_: Round number (>= 0).
         world_size: Number of ranks sharing the round.
@@ -297,6 +380,13 @@ def compose_round(
 
     Raises:
         ValueError: Bad sizes, a negative round or seed, or a round bigger than the table.
+
+    Example:
+        >>> h = np.linspace(0.0, 2.0, 1000).astype(np.float32)
+        >>> snap = PrioritySnapshot.build(h, np.ones(1000), PlanConfig())
+        >>> plan = compose_round(snap, seed=0, round_=1, world_size=2, batches=3, batch_size=100)
+        >>> plan.ids.shape, bool(abs(plan.weights.sum() - 600) < 30)  # weights average ~1
+        ((2, 3, 100), True)
     """
     if round_ < 0:
         raise ValueError(f"round must be >= 0, got {round_}")
@@ -306,17 +396,17 @@ def compose_round(
     rng = round_rng(seed, round_, world_size)
     uniform = snapshot.config.is_uniform_round(round_)
     if uniform:
-        chosen = rng.choice(snapshot.n, size=need, replace=False, shuffle=True).astype(np.int64)
+        chosen = rng.choice(snapshot.n, size=need, replace=False, shuffle=False).astype(np.int64)
         weights = np.ones(need, dtype=np.float32)
     else:
-        chosen = _choose(snapshot, rng, need)
-        # Spread the unseen (and the hardest) evenly over ranks and batches.
-        rng.shuffle(chosen)
-        weights = snapshot.weights(chosen)
+        chosen, weights = _choose(snapshot, rng, need)
+    weights[snapshot.suspect[chosen]] = 0.0
+    # Spread the unseen, the hardest and the suspects evenly over ranks and batches.
+    order = rng.permutation(need)
     shape = (world_size, batches, batch_size)
     return RoundPlan(
-        ids=chosen.reshape(shape),
-        weights=weights.reshape(shape),
+        ids=chosen[order].reshape(shape),
+        weights=weights[order].reshape(shape),
         round=round_,
         world_size=world_size,
         uniform=uniform,
@@ -324,103 +414,38 @@ def compose_round(
     )
 
 
-def _choose(snapshot: PrioritySnapshot, rng: np.random.Generator, need: int) -> np.ndarray:
-    """Unseen ids first, then successive sampling without replacement from q."""
+def _choose(snapshot: PrioritySnapshot, rng: np.random.Generator,
+            need: int) -> tuple[np.ndarray, np.ndarray]:
+    """Unseen ids first, then each stratum's share, then suspects at the floor rate."""
+    cfg = snapshot.config
     unseen = snapshot.unseen
     if len(unseen) >= need:
         pick = rng.choice(len(unseen), size=need, replace=False, shuffle=False)
-        return unseen[pick].astype(np.int64)
-    rest = _successive_sample(snapshot, rng, need - len(unseen))
-    return np.concatenate([unseen.astype(np.int64), rest])
-
-
-def _search(snapshot: PrioritySnapshot, u: np.ndarray) -> np.ndarray:
-    """For each u, the first id i with cdf[i] > u (the id whose priority interval holds u).
-
-    A plain `searchsorted` over a 10M-entry cdf walks 24 levels of dependent cache misses per
-    draw. Here one search in `block_ends` (small, cached) finds the block, then a branch-free
-    binary search of `_BLOCK_BITS` steps runs for all draws at once inside their blocks.
-    """
-    cdf = snapshot.cdf
-    n = len(cdf)
-    lo = np.searchsorted(snapshot.block_ends, u, side="right") << _BLOCK_BITS
-    np.minimum(lo, n - 1, out=lo)
-    hi = np.minimum(lo + (_BLOCK - 1), n - 1)
-    for _ in range(_BLOCK_BITS):
-        mid = (lo + hi) >> 1
-        right = cdf[mid] <= u
-        lo = np.where(right, mid + 1, lo)
-        hi = np.where(right, hi, mid)
-    return lo
-
-
-def _successive_sample(snapshot: PrioritySnapshot, rng: np.random.Generator, k: int) -> np.ndarray:
-    """Draw k distinct seen ids with probability proportional to q, without replacement.
-
-    With the unseen all taken, q restricted to seen ids is the mixture of the priority
-    component (cdf over seen ids) with weight a = (1 - lam) * P_seen / P_total and the uniform
-    component over all N with weight lam (hits on taken ids are rejected like any repeat).
-    """
-    cfg = snapshot.config
-    n = snapshot.n
-    total = float(snapshot.cdf[-1])
-    a = (1.0 - cfg.lam) * snapshot.p_seen_total / snapshot.p_total
-    uniform_share = cfg.lam / (a + cfg.lam) if a + cfg.lam > 0 else 1.0
-    taken = snapshot.unseen  # sorted; grows (still sorted) with every accepted batch
-    out: list[np.ndarray] = []
-    have = 0
-    drawn = accepted = 0
-    while have < k:
-        left = k - have
-        m = left + left // 8 + 16
-        ids = np.empty(m, dtype=np.int64)
-        from_uniform = rng.random(m) < uniform_share
-        n_uniform = int(from_uniform.sum())
-        ids[from_uniform] = rng.integers(0, n, size=n_uniform)
-        # The priority draws are made as sorted uniforms (normalised sums of exponentials are
-        # the order statistics of iid uniforms), which keeps the searches cache-friendly, then
-        # put in a random order: together exactly iid draws, with no sort.
-        spacing = np.cumsum(rng.standard_exponential(m - n_uniform + 1))
-        u = spacing[:-1] * (total / spacing[-1])
-        ids[~from_uniform] = _search(snapshot, u)[rng.permutation(m - n_uniform)]
-        # First occurrence of each id in draw order, skipping ids taken earlier.
-        uniq, first = np.unique(ids, return_index=True)
-        if len(taken):
-            pos = np.minimum(np.searchsorted(taken, uniq), len(taken) - 1)
-            first = first[taken[pos] != uniq]
-        first = np.sort(first)[:left]
-        new = ids[first]
-        out.append(new)
-        taken = np.union1d(taken, new)
-        have += len(new)
-        drawn += m
-        accepted += len(new)
-        if have < k and drawn > 4 * k and accepted < _MIN_ACCEPTANCE * drawn:
-            # Most draws hit taken ids: sample the rest from q restricted to untaken ids.
-            out.append(_sample_untaken(snapshot, rng, k - have, taken))
-            break
-    return np.concatenate(out) if out else np.empty(0, dtype=np.int64)
-
-
-def _sample_untaken(
-    snapshot: PrioritySnapshot, rng: np.random.Generator, k: int, taken_ids: np.ndarray
-) -> np.ndarray:
-    """Exact fallback: successive sampling from q with the taken ids' mass removed."""
-    cfg = snapshot.config
-    taken = np.zeros(snapshot.n, dtype=bool)
-    taken[taken_ids] = True
-    p = np.diff(snapshot.cdf, prepend=0.0)
-    q = (1.0 - cfg.lam) * p / snapshot.p_total + cfg.lam / snapshot.n
-    q[taken] = 0.0
-    free = int((~taken).sum())
-    if free < k:  # guarded by validate_round_shape; kept as a clear error, not a hang
-        raise ValueError(f"only {free} untaken ids left, need {k}")
-    nz = np.flatnonzero(q > 0)
-    if len(nz) < k:
-        # Priorities underflowed to exactly 0 with lam == 0: fill uniformly from the rest.
-        zero = np.flatnonzero((q == 0) & ~taken)
-        extra = rng.choice(zero, size=k - len(nz), replace=False, shuffle=False)
-        return np.concatenate([rng.permutation(nz), extra]).astype(np.int64)
-    # Numpy's weighted choice without replacement is itself successive sampling.
-    pick = rng.choice(len(nz), size=k, replace=False, p=q[nz] / q[nz].sum(), shuffle=False)
-    return nz[pick].astype(np.int64)
+        return unseen[pick].astype(np.int64), np.ones(need, dtype=np.float32)
+    sizes = snapshot.sizes
+    n_elig = int(sizes.sum())
+    rest = need - len(unseen)
+    # Suspects get what the uniform floor would give them, and at least what the strata
+    # cannot take (a round may be larger than the non-suspect samples).
+    floor_rate = cfg.lam * rest / max(n_elig + len(snapshot.suspects), 1)
+    n_sus = min(len(snapshot.suspects),
+                max(int(round(floor_rate * len(snapshot.suspects))), rest - n_elig))
+    expected = snapshot.allocate(rest - n_sus)
+    counts = _round_counts(expected, rng)
+    scale = need / snapshot.n  # the uniform inclusion probability M / N
+    ids = [unseen.astype(np.int64)]
+    ws = [np.full(len(unseen), scale ** cfg.beta, dtype=np.float32)]
+    for s, m in enumerate(counts.tolist()):
+        if m == 0:
+            continue
+        members = snapshot.stratum(s)
+        pick = rng.choice(len(members), size=m, replace=False, shuffle=False)
+        ids.append(members[pick].astype(np.int64))
+        # 1 / pi_s with pi_s = E[m_s] / n_s, the inclusion probability (not this round's m_s).
+        ws.append(np.full(m, (scale * len(members) / expected[s]) ** cfg.beta,
+                          dtype=np.float32))
+    if n_sus:
+        pick = rng.choice(len(snapshot.suspects), size=n_sus, replace=False, shuffle=False)
+        ids.append(snapshot.suspects[pick].astype(np.int64))
+        ws.append(np.zeros(n_sus, dtype=np.float32))
+    return np.concatenate(ids), np.concatenate(ws)

@@ -137,6 +137,17 @@ class SamplerClient:
         ).json()["samples"]
         return out
 
+    def suspects(self, run: str, limit: int = 20) -> dict[str, Any]:
+        """Suspected label errors, most certain first: `{"total", "threshold", "samples"}`.
+
+        Example:
+            >>> client.suspects("run-1", limit=5)["samples"][0]["suspect"]  # doctest: +SKIP
+            True
+        """
+        out: dict[str, Any] = self._request(
+            "GET", f"/v1/runs/{run}/suspects", params={"limit": limit}).json()
+        return out
+
     def histogram(self, run: str, bins: int = 20, field: str = "ema") -> dict[str, Any]:
         hist: dict[str, Any] = self._request(
             "GET", f"/v1/runs/{run}/histogram", params={"bins": bins, "field": field}

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import redis
+from hardbatch.sampler.hardness import SuspectRule, suspect_reference
 from hardbatch.sampler.plans import PlanConfig, PrioritySnapshot
 from hardbatch.services.materializer import Materializer
 from hardbatch.services.store import LossStore, StoreError, UnknownRunError, check_run_name
@@ -119,6 +120,7 @@ class LiveRun:
         self.stall: str | None = None  # the reader's last error on this run, until it recovers
         self.stats = RunStats()
         self.priorities: PrioritySnapshot | None = None
+        self.suspect_threshold: float | None = None
         self.created_at: float | None = None
         self.last_world_size: int | None = None
         self.last_round: int | None = None
@@ -216,12 +218,32 @@ class LiveRun:
                 return snap
             with m.lock:
                 # Copies, so the build runs without holding up ingestion.
-                hardness = getattr(m.table, cfg.hardness).copy()
+                ema = m.table.ema.copy()
+                last_loss = m.table.last_loss.copy()
+                hardness = ema if cfg.hardness == "ema" else last_loss
                 seen = m.table.seen.copy()
                 version = m.table.applied
-            snap = PrioritySnapshot.build(hardness, seen, cfg, version=version)
+            rule = cfg.suspect_rule()
+            suspect = None
+            if rule is not None:
+                self.suspect_threshold = rule.threshold(suspect_reference(ema, seen))
+                suspect = rule.mask(seen, ema, last_loss, self.suspect_threshold)
+            else:
+                self.suspect_threshold = None
+            snap = PrioritySnapshot.build(hardness, seen, cfg, version=version, suspect=suspect)
             self.priorities = snap
             return snap
+
+    def suspect_rule(self) -> tuple[SuspectRule, float] | None:
+        """The noise guard's rule and its loss threshold as of the last priority build, or
+        None when the run's plan config turns it off."""
+        snap = self.priorities
+        if snap is None or snap.config != self.plan_config:
+            self.priority_snapshot()  # the config changed: its threshold too
+        rule, threshold = self.plan_config.suspect_rule(), self.suspect_threshold
+        if rule is None or threshold is None:
+            return None
+        return rule, threshold
 
     def refresh_stats(self) -> RunStats:
         """Recomputes quantiles and kept fraction when the table changed."""
@@ -506,14 +528,21 @@ def plan_config_to_strings(cfg: PlanConfig) -> dict[str, str]:
         "alpha": repr(cfg.alpha), "lam": repr(cfg.lam), "eps": repr(cfg.eps),
         "beta": repr(cfg.beta), "anneal_frac": repr(cfg.anneal_frac),
         "total_rounds": "" if cfg.total_rounds is None else str(cfg.total_rounds),
-        "hardness": cfg.hardness,
+        "hardness": cfg.hardness, "strata": str(cfg.strata),
+        "suspect_scorings": str(cfg.suspect_scorings),
+        "suspect_factor": repr(cfg.suspect_factor), "suspect_floor": repr(cfg.suspect_floor),
     }
 
 
 def plan_config_from_strings(d: dict[str, Any]) -> PlanConfig:
+    # Fields added later fall back to the defaults, so configs stored before still load.
+    default = PlanConfig()
     return PlanConfig(
         alpha=float(d["alpha"]), lam=float(d["lam"]), eps=float(d["eps"]),
         beta=float(d["beta"]), anneal_frac=float(d["anneal_frac"]),
         total_rounds=int(d["total_rounds"]) if d.get("total_rounds") else None,
-        hardness=d["hardness"],
+        hardness=d["hardness"], strata=int(d.get("strata", default.strata)),
+        suspect_scorings=int(d.get("suspect_scorings", default.suspect_scorings)),
+        suspect_factor=float(d.get("suspect_factor", default.suspect_factor)),
+        suspect_floor=float(d.get("suspect_floor", default.suspect_floor)),
     )

@@ -210,15 +210,17 @@ class Materializer:
         losses = np.ascontiguousarray(records["loss"])
         kept = records["kept"].astype(bool)
         step = np.ascontiguousarray(records["step"])
+        round_ = np.ascontiguousarray(records["epoch"])
         mask, rej = split_valid(ids, losses, self.table.size)
         if mask is not None:
             ids, losses, kept, step = ids[mask], losses[mask], kept[mask], step[mask]
+            round_ = round_[mask]
         # Apply in slices, letting readers in between: every state they can see is the
         # table after some prefix of the log, just not yet the counters that say so.
         for start in range(0, len(ids), APPLY_SLICE):
             sl = slice(start, start + APPLY_SLICE)
             with self.lock:
-                self.table.apply_records(ids[sl], losses[sl], kept[sl], step[sl])
+                self.table.apply_records(ids[sl], losses[sl], kept[sl], step[sl], round_[sl])
         with self.lock:
             c = self._counters
             c["consumed_entries"] = entries[-1].index

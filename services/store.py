@@ -18,7 +18,13 @@ from typing import Any
 
 import numpy as np
 import redis
-from hardbatch.sampler.hardness import FIELD_DTYPES, FIELDS, MAX_SAMPLES, HardnessTable
+from hardbatch.sampler.hardness import (
+    DEFAULT_DECAY,
+    FIELD_DTYPES,
+    FIELDS,
+    MAX_SAMPLES,
+    HardnessTable,
+)
 from hardbatch.sampler.records import RECORD_DTYPE, RECORD_SIZE, to_bytes
 from hardbatch.services import keys
 
@@ -268,7 +274,7 @@ class LossStore:
 
     # -- runs ------------------------------------------------------------------------------
 
-    def register_run(self, run: str, num_samples: int, ema_decay: float = 0.9,
+    def register_run(self, run: str, num_samples: int, ema_decay: float = DEFAULT_DECAY,
                      retain_log: bool = False) -> bool:
         """Registers a run, or checks an existing one has the same size and decay.
 

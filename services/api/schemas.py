@@ -27,6 +27,7 @@ RoundCount = Annotated[int, Field(ge=1, le=2**53 - 1), BeforeValidator(_integral
 MAX_ROUND = 2**53 - 1
 
 HardnessField = Literal["ema", "last_loss"]
+_PLAN = PlanConfig()
 
 
 class RunSummary(BaseModel):
@@ -57,7 +58,8 @@ class PlanConfigModel(BaseModel):
     eps: float = Field(
         default=1e-3, gt=0.0, le=1e6, description="Added to hardness before the power."
     )
-    beta: float = Field(default=0.0, ge=0.0, le=1.0, description="Importance-weight exponent.")
+    beta: float = Field(default=_PLAN.beta, ge=0.0, le=1.0,
+                        description="Importance-weight exponent (1: unbiased).")
     anneal_frac: float = Field(
         default=0.0, ge=0.0, le=1.0, description="Last fraction of total_rounds sampled uniformly."
     )
@@ -65,6 +67,18 @@ class PlanConfigModel(BaseModel):
         default=None, description="Rounds in the run; needed for annealing."
     )
     hardness: HardnessField = Field(default="ema", description="Table field used as hardness.")
+    strata: JsonInt = Field(default=_PLAN.strata, ge=1, le=256,
+                            description="Priority bins a round is stratified into.")
+    suspect_scorings: JsonInt = Field(
+        default=_PLAN.suspect_scorings, ge=1, le=2**32 - 1,
+        description="Scorings before a sample can be a suspected label error.")
+    suspect_factor: float = Field(
+        default=_PLAN.suspect_factor, ge=0.0, le=1e6,
+        description="Suspect when hardness and last loss stay above this many times the "
+                    "median hardness; 0 turns the noise guard off.")
+    suspect_floor: float = Field(
+        default=_PLAN.suspect_floor, ge=-1e6, le=1e6,
+        description="The suspect level never goes below this (1.0: cross-entropy scale).")
 
     def to_config(self) -> PlanConfig:
         return PlanConfig(**self.model_dump())
@@ -73,7 +87,9 @@ class PlanConfigModel(BaseModel):
     def from_config(cls, cfg: PlanConfig) -> PlanConfigModel:
         return cls(alpha=cfg.alpha, lam=cfg.lam, eps=cfg.eps, beta=cfg.beta,
                    anneal_frac=cfg.anneal_frac, total_rounds=cfg.total_rounds,
-                   hardness=cfg.hardness)  # type: ignore[arg-type]
+                   hardness=cfg.hardness, strata=cfg.strata,  # type: ignore[arg-type]
+                   suspect_scorings=cfg.suspect_scorings, suspect_factor=cfg.suspect_factor,
+                   suspect_floor=cfg.suspect_floor)
 
 
 class RunDetail(BaseModel):
@@ -110,14 +126,34 @@ class Sample(BaseModel):
     seen: int = Field(description="Times scored.")
     kept: int = Field(description="Times the filter kept it.")
     last_loss: float | None = None
-    ema: float | None = Field(default=None, description="Moving average of its loss.")
+    ema: float | None = Field(
+        default=None, description="Current hardness: its loss, averaged with a weight that "
+                                  "decays by the rounds since each scoring.")
     last_step: int | None = None
+    last_round: int | None = Field(default=None, description="Round of its last scoring.")
+    suspect: bool = Field(
+        default=False, description="Suspected label error: scored often, its loss stays far "
+                                   "above the run's median (see /suspects). Plans give it "
+                                   "weight 0.")
 
 
 class SampleList(BaseModel):
     run: str
     order: Literal["hardest", "easiest"]
     by: HardnessField
+    samples: list[Sample]
+
+
+class SuspectList(BaseModel):
+    """Suspected label errors, hardest first."""
+
+    run: str
+    total: int = Field(description="Suspects in the run (the list holds at most `limit`).")
+    threshold: float | None = Field(
+        default=None, description="Level above which the hardness and last loss of a sample "
+                                  "scored at least min_scorings times make it suspect; null "
+                                  "when the guard is off.")
+    min_scorings: int | None = None
     samples: list[Sample]
 
 

@@ -1,8 +1,7 @@
-"""Plan composition: disjointness, determinism, the target distribution, weights, annealing."""
+"""Plan composition: disjointness, determinism, strata and their inclusion probabilities,
+unbiased weights, suspects, annealing."""
 
 from __future__ import annotations
-
-import itertools
 
 import numpy as np
 import pytest
@@ -14,42 +13,30 @@ from hardbatch.sampler.plans import (
 )
 
 
-def _snapshot(h, seen=None, **cfg):
+def _snapshot(h, seen=None, suspect=None, **cfg):
     h = np.asarray(h, dtype=np.float32)
     seen = np.ones(len(h), dtype=np.int32) if seen is None else np.asarray(seen)
-    return PrioritySnapshot.build(h, seen, PlanConfig(**cfg))
-
-
-def _exact_inclusion(q: np.ndarray, k: int) -> np.ndarray:
-    """P(i among k successive draws without replacement), by enumerating ordered draws."""
-    q = q / q.sum()
-    incl = np.zeros(len(q))
-    for seq in itertools.permutations(range(len(q)), k):
-        prob, left = 1.0, 1.0
-        for i in seq:
-            prob *= q[i] / left
-            left -= q[i]
-        incl[list(seq)] += prob
-    return incl
+    return PrioritySnapshot.build(h, seen, PlanConfig(**cfg), suspect=suspect)
 
 
 def test_round_is_disjoint_and_covers_every_rank_equally():
     rng = np.random.default_rng(0)
     snap = _snapshot(rng.exponential(size=5000), alpha=2.0, lam=0.05)
     plan = compose_round(snap, seed=7, round_=3, world_size=4, batches=5, batch_size=64)
-    assert plan.ids.shape == (4, 5, 64)
+    assert plan.ids.shape == plan.weights.shape == (4, 5, 64)
     flat = plan.ids.ravel()
     assert len(np.unique(flat)) == flat.size
     assert flat.min() >= 0 and flat.max() < 5000
     parts = [plan.for_rank(r)[0] for r in range(4)]
     assert all(p.shape == (5, 64) for p in parts)
-    assert len(np.unique(np.concatenate([p.ravel() for p in parts]))) == 4 * 5 * 64
 
 
 def test_full_round_takes_every_id_once():
     snap = _snapshot(np.linspace(0, 3, 600), alpha=3.0, lam=0.0)
     plan = compose_round(snap, seed=1, round_=0, world_size=3, batches=4, batch_size=50)
     assert np.array_equal(np.sort(plan.ids.ravel()), np.arange(600))
+    # Every inclusion probability is 1 = M / N: all weights 1.
+    assert np.allclose(plan.weights, 1.0)
 
 
 def test_deterministic_from_seed_round_and_world_size():
@@ -69,116 +56,179 @@ def test_deterministic_from_seed_round_and_world_size():
 def test_never_scored_samples_come_first():
     n = 1000
     seen = np.ones(n, dtype=np.int32)
-    unseen = np.arange(0, n, 10)  # 100 unseen, low ids, zero hardness would never win
+    unseen = np.arange(0, n, 10)  # 100 unseen, zero hardness would never win
     seen[unseen] = 0
     h = np.full(n, 5.0)
     h[unseen] = 0.0
     snap = _snapshot(h, seen, alpha=4.0, lam=0.0)
     plan = compose_round(snap, seed=0, round_=0, world_size=2, batches=2, batch_size=40)
     assert set(unseen) <= set(plan.ids.ravel().tolist())
-    # More unseen than a round needs: the round is made of unseen ids only.
+    # More unseen than a round needs: the round is made of unseen ids only, weights 1.
     small = compose_round(snap, seed=0, round_=1, world_size=2, batches=1, batch_size=20)
     assert set(small.ids.ravel().tolist()) <= set(unseen.tolist())
+    assert np.all(small.weights == 1.0)
 
 
-def test_alpha_zero_gives_uniform_target():
+def test_alpha_zero_is_one_uniform_stratum_with_weights_one():
     rng = np.random.default_rng(2)
-    snap = _snapshot(rng.exponential(size=50) * 100, alpha=0.0, lam=0.0, beta=1.0)
-    ids = np.arange(50)
-    assert np.allclose(snap.target_probability(ids), 1 / 50)
-    assert np.allclose(snap.weights(ids), 1.0)
+    snap = _snapshot(rng.exponential(size=500) * 100, alpha=0.0, lam=0.0, beta=1.0)
+    assert list(snap.sizes[snap.sizes > 0]) == [500]
+    plan = compose_round(snap, seed=0, round_=0, world_size=2, batches=3, batch_size=50)
+    assert np.allclose(plan.weights, 1.0)
 
 
-@pytest.mark.parametrize(
-    ("h", "cfg"),
-    [
-        ([0.1, 0.2, 0.5, 1.0, 2.0, 4.0, 0.0, 8.0], {"alpha": 1.0, "lam": 0.1}),
-        ([0.1, 0.2, 0.5, 1.0, 2.0, 4.0, 0.0, 8.0], {"alpha": 2.0, "lam": 0.3}),
-        ([3.0, 0.2, 0.5, 1.0, 2.0, 4.0, 0.0, 8.0], {"alpha": 0.0, "lam": 0.0}),
-    ],
-)
-def test_selection_frequencies_match_successive_sampling(h, cfg):
-    """Over many rounds each id's selection frequency matches its exact inclusion probability.
+def test_strata_follow_priority_and_allocation_caps_at_one():
+    h = np.concatenate([np.full(900, 0.01), np.full(100, 5.0)])
+    snap = _snapshot(h, alpha=1.0, lam=0.1, strata=4)
+    easy, hard = snap.stratum(0), snap.stratum(3)
+    assert set(easy.tolist()) == set(range(900)) and set(hard.tolist()) == set(range(900, 1000))
+    counts = snap.allocate(300)
+    assert counts.sum() == 300
+    assert counts[3] == pytest.approx(100)  # the hard stratum is capped at all of its members
+    assert counts[0] == pytest.approx(200)
+    assert snap.allocate(5000).sum() == pytest.approx(1000) and np.all(snap.allocate(0) == 0)
 
-    Tolerance: every id within 4.5 binomial standard deviations of its exact inclusion
-    probability, and the chi-square-like total within a wide bound. Seeds are fixed, so the test
-    is deterministic; with a correct sampler the chance of a 4.5-sigma miss is about 7e-6 per id.
+
+def test_allocation_is_proportional_to_the_target_below_the_cap():
+    h = np.concatenate([np.full(500, 1.0), np.full(500, 2.0)])
+    snap = _snapshot(h, alpha=1.0, lam=0.0, eps=1e-9, strata=2)
+    # q of the hard half is twice the easy half's: 100 slots split 1:2.
+    assert np.allclose(snap.allocate(99), [33, 66])
+
+
+def test_inclusion_frequencies_and_unbiased_weights():
+    """Over many rounds: each id's frequency matches its stratum's m_s / n_s, and the weighted
+    sum of a fixed per-sample value is, on average, (M / N) times its full-data sum.
+
+    Tolerances: every id within 4.5 binomial standard deviations (fixed seeds, so the test is
+    deterministic; with a correct sampler a miss has probability ~7e-6 per id); the mean of the
+    weighted sums within 4.5 standard errors of the mean.
     """
-    snap = _snapshot(h, **cfg)
-    k = 3  # world 1 x 3 batches x 1
+    rng = np.random.default_rng(3)
+    n, m = 60, 12
+    h = rng.exponential(size=n).astype(np.float32)
+    snap = _snapshot(h, alpha=1.0, lam=0.2, beta=1.0, strata=5)
+    counts = snap.allocate(m)
+    assert counts.min() < 1 < counts.max()  # some strata expect less than one id a round
+    expected = np.zeros(n)
+    for s, k in enumerate(counts):
+        members = snap.stratum(s)
+        if len(members):
+            expected[members] = k / len(members)
     rounds = 20_000
-    counts = np.zeros(len(h))
+    freq = np.zeros(n)
+    g = rng.normal(size=n) + 2.0  # a stand-in for per-sample gradients
+    sums = np.empty(rounds)
     for r in range(rounds):
-        plan = compose_round(snap, seed=123, round_=r, world_size=1, batches=3, batch_size=1)
-        counts[plan.ids.ravel()] += 1
-    expected = _exact_inclusion(snap.target_probability(np.arange(len(h))), k)
-    assert np.isclose(expected.sum(), k)
-    freq = counts / rounds
+        plan = compose_round(snap, seed=11, round_=r, world_size=1, batches=m, batch_size=1)
+        ids, w = plan.ids.ravel(), plan.weights.ravel()
+        freq[ids] += 1
+        sums[r] = float((w * g[ids]).sum())
+    freq /= rounds
     sigma = np.sqrt(expected * (1 - expected) / rounds)
     assert np.all(np.abs(freq - expected) <= 4.5 * sigma + 1e-12), (freq, expected)
+    target = m / n * g.sum()
+    assert abs(sums.mean() - target) <= 4.5 * sums.std() / np.sqrt(rounds)
 
 
-def test_target_mixes_priority_and_uniform_floor():
-    h = np.array([0.0, 1.0, 3.0])
-    snap = _snapshot(h, alpha=1.0, lam=0.25, eps=1e-3)
-    p = h + 1e-3
-    q = 0.75 * p / p.sum() + 0.25 / 3
-    assert np.allclose(snap.target_probability(np.arange(3)), q)
+@pytest.mark.parametrize("seed", range(5))
+def test_random_rounding_keeps_the_total_and_the_expectations(seed):
+    from hardbatch.sampler.plans import _round_counts
+
+    rng = np.random.default_rng(seed)
+    expected = rng.random(7) * 3
+    expected[-1] += np.ceil(expected.sum()) - expected.sum()  # an integer total
+    draws = np.array([_round_counts(expected, rng) for _ in range(20_000)])
+    assert np.all(draws.sum(axis=1) == round(expected.sum()))
+    assert np.all((draws == np.floor(expected)) | (draws == np.ceil(expected)))
+    frac = expected - np.floor(expected)
+    sigma = np.sqrt(frac * (1 - frac) / 20_000)
+    assert np.all(np.abs(draws.mean(axis=0) - expected) <= 4.5 * sigma + 1e-9)
 
 
-def test_importance_weights_invert_the_bias():
-    h = np.array([0.5, 1.0, 2.0, 4.0])
-    snap = _snapshot(h, alpha=1.0, lam=0.0, beta=1.0)
-    w = snap.weights(np.arange(4))
-    q = snap.target_probability(np.arange(4))
-    assert w.max() == pytest.approx(1.0)
-    assert np.allclose(w * q, (w * q)[0], rtol=1e-5)  # w proportional to 1/q when beta = 1
-    half = _snapshot(h, alpha=1.0, lam=0.0, beta=0.5).weights(np.arange(4))
-    assert np.allclose(half, np.sqrt(w), rtol=1e-5)
-    plan = compose_round(snap, seed=0, round_=0, world_size=1, batches=1, batch_size=4)
-    assert np.allclose(plan.weights.ravel(), snap.weights(plan.ids.ravel()))
+def test_beta_zero_gives_weights_one_and_beta_scales_them():
+    h = np.concatenate([np.full(80, 0.1), np.full(20, 4.0)])
+    flat = compose_round(_snapshot(h, alpha=1.0, beta=0.0), seed=0, round_=0, world_size=1,
+                         batches=1, batch_size=30)
+    assert np.all(flat.weights == 1.0)
+    full = compose_round(_snapshot(h, alpha=1.0, beta=1.0), seed=0, round_=0, world_size=1,
+                         batches=1, batch_size=30)
+    half = compose_round(_snapshot(h, alpha=1.0, beta=0.5), seed=0, round_=0, world_size=1,
+                         batches=1, batch_size=30)
+    assert np.array_equal(full.ids, half.ids)
+    assert np.allclose(half.weights, np.sqrt(full.weights), rtol=1e-6)
+    hard = full.ids.ravel() >= 80
+    # Hard samples are over-sampled, so they weigh less than easy ones.
+    assert full.weights.ravel()[hard].max() < full.weights.ravel()[~hard].min()
 
 
-def test_weights_are_one_without_beta():
-    snap = _snapshot(np.arange(100.0), alpha=2.0)
-    plan = compose_round(snap, seed=0, round_=0, world_size=2, batches=2, batch_size=10)
-    assert np.all(plan.weights == 1.0)
+def test_suspects_get_weight_zero_and_only_the_floor_rate():
+    n = 2000
+    h = np.full(n, 1.0, dtype=np.float32)
+    suspect = np.zeros(n, dtype=bool)
+    suspect[:200] = True
+    h[:200] = 9.0  # the hardest, yet never favoured
+    snap = _snapshot(h, suspect=suspect, alpha=1.0, lam=0.1)
+    assert np.array_equal(snap.suspects, np.arange(200))
+    taken = 0
+    for r in range(20):
+        plan = compose_round(snap, seed=0, round_=r, world_size=2, batches=5, batch_size=50)
+        ids, w = plan.ids.ravel(), plan.weights.ravel()
+        is_sus = ids < 200
+        assert np.all(w[is_sus] == 0.0) and np.all(w[~is_sus] > 0.0)
+        taken += int(is_sus.sum())
+    # Floor rate lam * M / N = 0.1 * 500 / 2000 -> 5 of the 200 suspects per round.
+    assert taken == 20 * 5
+    # Unseen samples cannot be suspects.
+    unseen_sus = _snapshot(h, seen=np.zeros(n), suspect=suspect)
+    assert len(unseen_sus.suspects) == 0
 
 
-def test_annealed_rounds_are_uniform():
+def test_round_larger_than_the_non_suspects_takes_suspects_to_fill():
+    h = np.ones(100, dtype=np.float32)
+    suspect = np.arange(100) < 30
+    snap = _snapshot(h, suspect=suspect, lam=0.0)
+    plan = compose_round(snap, seed=0, round_=0, world_size=1, batches=9, batch_size=10)
+    ids, w = plan.ids.ravel(), plan.weights.ravel()
+    assert len(np.unique(ids)) == 90 and np.sum(ids < 30) == 20 and np.all(w[ids < 30] == 0)
+
+
+def test_annealed_rounds_are_uniform_but_suspects_stay_zero():
     h = np.zeros(40)
     h[:4] = 100.0  # four very hard samples
+    suspect = np.zeros(40, dtype=bool)
+    suspect[39] = True
     cfg = {"alpha": 4.0, "lam": 0.0, "beta": 1.0, "anneal_frac": 0.25, "total_rounds": 8}
-    snap = _snapshot(h, **cfg)
+    snap = _snapshot(h, suspect=suspect, **cfg)
     assert [snap.config.is_uniform_round(r) for r in range(8)] == [False] * 6 + [True] * 2
     hard = compose_round(snap, seed=0, round_=5, world_size=1, batches=1, batch_size=4)
     assert set(hard.ids.ravel().tolist()) == {0, 1, 2, 3} and not hard.uniform
     counts = np.zeros(40)
     for r in range(6, 4006):
         plan = compose_round(snap, seed=0, round_=r, world_size=1, batches=1, batch_size=4)
-        assert plan.uniform and np.all(plan.weights == 1.0)
-        counts[plan.ids.ravel()] += 1
+        ids, w = plan.ids.ravel(), plan.weights.ravel()
+        assert plan.uniform and np.all(w[ids != 39] == 1.0) and np.all(w[ids == 39] == 0.0)
+        counts[ids] += 1
     # Uniform inclusion probability 4/40 = 0.1; 4000 rounds -> sigma ~ 0.0047.
     assert np.all(np.abs(counts / 4000 - 0.1) < 4.5 * np.sqrt(0.1 * 0.9 / 4000))
 
 
-def test_concentrated_priorities_stay_exact_and_finish():
-    # One sample holds almost all the mass and lam = 0: the rejection loop must fall back.
+def test_concentrated_priorities_finish():
     h = np.full(10_000, 1e-6)
     h[17] = 1e6
     snap = _snapshot(h, alpha=2.0, lam=0.0)
     plan = compose_round(snap, seed=0, round_=0, world_size=2, batches=4, batch_size=100)
     flat = plan.ids.ravel()
     assert 17 in flat and len(np.unique(flat)) == 800
+    assert np.all(np.isfinite(plan.weights)) and np.all(plan.weights > 0)
 
 
 def test_bad_hardness_values_get_a_policy():
-    h = np.array([np.nan, -1.0, np.inf, 2.0, 1.0])
-    snap = _snapshot(h, alpha=1.0, lam=0.0)
-    q = snap.target_probability(np.arange(5))
-    assert np.all(np.isfinite(q)) and q.sum() == pytest.approx(1.0)
-    assert q[0] == q[2] == q.max()  # non-finite counts as the hardest
-    assert q[1] == q.min()  # negative counts as zero
+    h = np.array([np.nan, -1.0, np.inf, 2.0, 1.0, 0.0])
+    snap = _snapshot(h, alpha=1.0, lam=0.0, strata=4)
+    top, bottom = snap.stratum(3).tolist(), snap.stratum(0).tolist()
+    assert {0, 2, 3} <= set(top)  # non-finite counts as the hardest
+    assert {1, 5} <= set(bottom)  # negative counts as zero
 
 
 @pytest.mark.parametrize(
@@ -186,12 +236,20 @@ def test_bad_hardness_values_get_a_policy():
     [
         {"alpha": -1.0}, {"alpha": float("nan")}, {"lam": 1.5}, {"lam": -0.1}, {"eps": 0.0},
         {"beta": 2.0}, {"anneal_frac": 0.5}, {"anneal_frac": 1.5, "total_rounds": 4},
-        {"total_rounds": 0}, {"hardness": "loss"},
+        {"total_rounds": 0}, {"hardness": "loss"}, {"strata": 0}, {"strata": 257},
+        {"suspect_scorings": 0}, {"suspect_factor": -1.0}, {"suspect_factor": float("inf")},
+        {"suspect_floor": float("inf")},
     ],
 )
 def test_bad_config_raises(cfg):
     with pytest.raises(ValueError):
         PlanConfig(**cfg)
+
+
+def test_suspect_factor_zero_turns_the_guard_off():
+    assert PlanConfig(suspect_factor=0.0).suspect_rule() is None
+    rule = PlanConfig(suspect_scorings=3, suspect_factor=5.0, suspect_floor=0.5).suspect_rule()
+    assert rule is not None and (rule.min_scorings, rule.factor, rule.floor) == (3, 5.0, 0.5)
 
 
 def test_bad_round_raises():
@@ -209,18 +267,5 @@ def test_bad_round_raises():
         PrioritySnapshot.build(np.zeros(0), np.zeros(0), PlanConfig())
     with pytest.raises(ValueError, match="one length"):
         PrioritySnapshot.build(np.zeros(3), np.zeros(4), PlanConfig())
-
-
-@pytest.mark.parametrize("n", [1, 7, 128, 129, 1000, 40_001])
-def test_block_search_equals_a_plain_binary_search(n):
-    from hardbatch.sampler.plans import _search
-
-    rng = np.random.default_rng(n)
-    h = rng.exponential(size=n)
-    h[rng.random(n) < 0.3] = 0.0  # stretches of zero-priority samples
-    seen = (rng.random(n) < 0.9).astype(np.int32)
-    seen[0] = 1
-    snap = _snapshot(h, seen, alpha=2.0, eps=1e-9)
-    u = np.sort(rng.random(5000)) * snap.cdf[-1]
-    expected = np.searchsorted(snap.cdf, u, side="right")
-    assert np.array_equal(_search(snap, u), expected)
+    with pytest.raises(ValueError, match="suspect"):
+        PrioritySnapshot.build(np.zeros(3), np.zeros(3), PlanConfig(), suspect=np.zeros(4))

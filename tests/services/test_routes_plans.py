@@ -6,6 +6,7 @@ import httpx
 import numpy as np
 import pyarrow as pa
 import pytest
+from hardbatch.sampler.hardness import suspect_reference
 from hardbatch.sampler.plans import PlanConfig, PrioritySnapshot, compose_round
 from hardbatch.services.live_runs import run_seed
 
@@ -66,7 +67,13 @@ def test_round_is_reproducible_from_seed_round_world(service, filled):
     with service.client() as c:
         parts = [_plan(c, run, rank=r, world_size=2, round=11, batches=3, batch_size=800,
                        with_weights=True).json() for r in range(2)]
-    snap = PrioritySnapshot.build(table.ema, table.seen, PlanConfig())
+    cfg = PlanConfig()
+    rule = cfg.suspect_rule()
+    assert rule is not None
+    threshold = rule.threshold(suspect_reference(table.ema, table.seen))
+    snap = PrioritySnapshot.build(table.ema, table.seen, cfg,
+                                  suspect=rule.mask(table.seen, table.ema, table.last_loss,
+                                                    threshold))
     local = compose_round(snap, seed=run_seed(run), round_=11, world_size=2, batches=3,
                           batch_size=800)
     assert np.array_equal(np.array([p["ids"] for p in parts]), local.ids)
@@ -145,7 +152,13 @@ def test_weights_follow_the_run_config(service, store, fill):
         c.put("/v1/runs/weighted/plan-config", json={"alpha": 1.0, "lam": 0.1, "beta": 1.0})
         p = _plan(c, "weighted", round=4, batches=2, batch_size=100, with_weights=True).json()
     w = np.array(p["weights"])
-    assert w.shape == (2, 100) and np.all((w > 0) & (w <= 1)) and w.std() > 0
+    # Inverse inclusion probabilities scaled so a round's weights average 1: some above 1.
+    assert w.shape == (2, 100) and np.all(w > 0) and w.std() > 0 and w.max() > 1
+    assert 0.5 < w.mean() < 2.0
+    with service.client() as c:
+        c.put("/v1/runs/weighted/plan-config", json={"alpha": 1.0, "lam": 0.1, "beta": 0.0})
+        p = _plan(c, "weighted", round=5, batches=2, batch_size=100, with_weights=True).json()
+    assert np.all(np.array(p["weights"]) == 1.0)
 
 
 def test_a_run_registered_again_gets_new_rounds(service, store, fill):

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
-from hardbatch.sampler.hardness import HardnessTable, split_valid
+from hardbatch.sampler.hardness import DEFAULT_DECAY, FIELDS, HardnessTable, split_valid
 from hardbatch.sampler.records import RECORD_SIZE, pack, to_bytes
 from hardbatch.services import keys
 from hardbatch.services.materializer import Materializer
@@ -50,7 +50,8 @@ def make_batches(n_batches: int, size: int, per_batch: int, seed: int = 0,
     return out
 
 
-def reference_table(batches: list[np.ndarray], size: int, decay: float = 0.9) -> HardnessTable:
+def reference_table(batches: list[np.ndarray], size: int,
+                    decay: float = DEFAULT_DECAY) -> HardnessTable:
     """What applying every valid record exactly once, in order, gives."""
     table = HardnessTable(size, decay)
     for recs in batches:
@@ -58,7 +59,8 @@ def reference_table(batches: list[np.ndarray], size: int, decay: float = 0.9) ->
         losses = recs["loss"].copy()
         mask, _ = split_valid(ids, losses, size)
         sel = slice(None) if mask is None else mask
-        table.apply(ids[sel], losses[sel], recs["kept"][sel].astype(bool), recs["step"][sel])
+        table.apply(ids[sel], losses[sel], recs["kept"][sel].astype(bool), recs["step"][sel],
+                    recs["epoch"][sel])
     return table
 
 
@@ -76,11 +78,12 @@ def test_register_and_reregister(store: LossStore) -> None:
     with pytest.raises(RunSizeMismatchError, match="num_samples=100"):
         store.register_run("a", 101)
     with pytest.raises(RunSizeMismatchError):
-        store.register_run("a", 100, ema_decay=0.5)
+        store.register_run("a", 100, ema_decay=0.9)
     store.register_run("b", 5)
     assert store.runs() == ["a", "b"]
     info = store.run_info("a")
-    assert (info.num_samples, info.ema_decay, info.entries, info.records) == (100, 0.9, 0, 0)
+    assert (info.num_samples, info.ema_decay, info.entries, info.records) == (
+        100, DEFAULT_DECAY, 0, 0)
 
 
 @pytest.mark.parametrize("name", ["", "a b", "x" * 200, "{x}", "-lead", "a:b"])
@@ -198,12 +201,12 @@ def test_snapshot_of_table_larger_than_one_chunk(store: LossStore) -> None:
     assert again.table.equals(m.table)
     assert list(again.table.last_loss[[0, CHUNK_SAMPLES - 1, CHUNK_SAMPLES, size - 1]]) == [
         1, 2, 3, 4]
-    # Old generations are deleted: one set of chunks (5 fields x 2 chunks) stays.
+    # Old generations are deleted: one set of chunks (one per field x 2 chunks) stays.
     m.catch_up(30)
     store.ingest_records("big", 0, 2, recs)
     m.catch_up(30)
     m.snapshot()
-    assert len(list(store.client.scan_iter(match="hb:{big}:snap:*"))) == 10
+    assert len(list(store.client.scan_iter(match="hb:{big}:snap:*"))) == 2 * len(FIELDS)
 
 
 def test_lagging_consumer_recovers_when_log_trimmed_under_it(store: LossStore) -> None:
@@ -352,8 +355,7 @@ def test_chunks_of_a_writer_that_died_are_collected(store: LossStore) -> None:
     store.client.set("hb:{r}:snap:7:ema:0", b"\0" * 400)
     assert m.snapshot() is True  # generation 8
     keys = sorted(k.decode() for k in store.client.scan_iter(match="hb:{r}:snap:*"))
-    assert keys == sorted(f"hb:{{r}}:snap:8:{f}:0" for f in
-                          ("last_loss", "ema", "seen", "kept", "last_step"))
+    assert keys == sorted(f"hb:{{r}}:snap:8:{f}:0" for f in FIELDS)
     assert store.client.smembers("hb:{r}:snapgens") == {b"8"}
     # A stale snapshot (behind the current one) is refused and cleaned up.
     behind = store.write_snapshot("r", m.table.arrays(), "0-1", 1, {})

@@ -44,7 +44,8 @@ def reference_table(batches: list[np.ndarray], size: int) -> HardnessTable:
         ids = recs["sample_id"].astype(np.int64)
         mask, _ = split_valid(ids, recs["loss"].copy(), size)
         sel = slice(None) if mask is None else mask
-        table.apply(ids[sel], recs["loss"][sel], recs["kept"][sel].astype(bool), recs["step"][sel])
+        table.apply(ids[sel], recs["loss"][sel], recs["kept"][sel].astype(bool), recs["step"][sel],
+                    recs["epoch"][sel])
     return table
 
 

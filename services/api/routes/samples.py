@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 import numpy as np
 from fastapi import APIRouter, Depends, HTTPException, Path, Query
-from hardbatch.sampler.hardness import HardnessTable
+from hardbatch.sampler.hardness import HardnessTable, SuspectRule
 from hardbatch.services.api.deps import State, live_run, require_read
 from hardbatch.services.api.errors import StrictJSONRoute
 from hardbatch.services.api.routes.common import RunName, errors
@@ -17,18 +17,22 @@ from hardbatch.services.api.schemas import (
     LookupResponse,
     Sample,
     SampleList,
+    SuspectList,
 )
 
 router = APIRouter(prefix="/v1/runs", tags=["samples"], dependencies=[Depends(require_read)],
                    route_class=StrictJSONRoute)
 
 
-def _sample(table: HardnessTable, i: int) -> Sample:
+def _sample(table: HardnessTable, i: int, guard: tuple[SuspectRule, float] | None) -> Sample:
     seen = int(table.seen[i])
     if seen == 0:
         return Sample(id=i, seen=0, kept=int(table.kept[i]))
+    suspect = guard is not None and bool(
+        guard[0].mask(table.seen[i], table.ema[i], table.last_loss[i], guard[1]))
     return Sample(id=i, seen=seen, kept=int(table.kept[i]), last_loss=float(table.last_loss[i]),
-                  ema=float(table.ema[i]), last_step=int(table.last_step[i]))
+                  ema=float(table.ema[i]), last_step=int(table.last_step[i]),
+                  last_round=int(table.last_round[i]), suspect=suspect)
 
 
 @router.get("/{run}/samples/{sample_id:sample_id}", response_model=Sample,
@@ -38,14 +42,15 @@ def get_sample(
     state: State,
 ) -> Sample:
     """One sample's hardness record."""
-    m = live_run(state, run).mat()
+    r = live_run(state, run)
+    m = r.mat()
     with m.view() as table:
         if sample_id >= table.size:
             raise HTTPException(
                 status_code=404,
                 detail=f"sample {sample_id} is not in run {run!r} (ids 0..{table.size - 1})",
             )
-        return _sample(table, sample_id)
+        return _sample(table, sample_id, r.suspect_rule())
 
 
 @router.get("/{run}/samples", response_model=SampleList, responses=errors(401, 404, 422, 503))
@@ -60,7 +65,9 @@ def top_samples(
     cap = state.settings.max_limit
     if limit > cap:
         raise HTTPException(status_code=422, detail=f"limit must be <= {cap}, got {limit}")
-    m = live_run(state, run, wait_s=2.0).mat()
+    r = live_run(state, run, wait_s=2.0)
+    m = r.mat()
+    guard = r.suspect_rule()
     with m.view() as table:
         seen_ids = np.flatnonzero(table.seen)
         values = getattr(table, by)[seen_ids]
@@ -71,8 +78,42 @@ def top_samples(
             key = -values if order == "hardest" else values
             top = np.argpartition(key, k - 1)[:k]
             ids = seen_ids[top[np.argsort(key[top], kind="stable")]]
-        samples = [_sample(table, int(i)) for i in ids]
+        samples = [_sample(table, int(i), guard) for i in ids]
     return SampleList(run=run, order=order, by=by, samples=samples)
+
+
+@router.get("/{run}/suspects", response_model=SuspectList,
+            responses=errors(401, 404, 422, 503))
+def suspects(
+    run: RunName,
+    state: State,
+    limit: Annotated[int, Query(ge=1, description="How many (at most max_limit).")] = 20,
+) -> SuspectList:
+    """Suspected label errors: samples scored at least `min_scorings` times whose current
+    hardness and last loss stay above the run's threshold (a multiple of its median hardness),
+    hardest first.
+
+    The threshold is the one the plans used at their last rebuild (every `refresh_s`); plans
+    give these samples weight 0, so the workers score them but do not train on them.
+    """
+    cap = state.settings.max_limit
+    if limit > cap:
+        raise HTTPException(status_code=422, detail=f"limit must be <= {cap}, got {limit}")
+    r = live_run(state, run, wait_s=2.0)
+    m = r.mat()
+    guard = r.suspect_rule()
+    if guard is None:
+        return SuspectList(run=run, total=0, samples=[])
+    rule, threshold = guard
+    with m.view() as table:
+        flagged = np.flatnonzero(rule.mask(table.seen, table.ema, table.last_loss, threshold))
+        key = -table.ema[flagged]
+        k = min(limit, len(flagged))
+        top = np.argpartition(key, k - 1)[:k] if k else np.empty(0, dtype=np.int64)
+        ids = flagged[top[np.argsort(key[top], kind="stable")]]
+        samples = [_sample(table, int(i), guard) for i in ids]
+    return SuspectList(run=run, total=int(len(flagged)), threshold=threshold,
+                       min_scorings=rule.min_scorings, samples=samples)
 
 
 @router.post("/{run}/samples/lookup", response_model=LookupResponse,

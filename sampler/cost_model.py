@@ -1,0 +1,203 @@
+"""The runtime cost model: does the loss filter pay for its scoring forward, right now?
+
+A filtered step costs a scoring forward plus a training step on the kept share `s` of the
+batch; a full step trains on the whole batch (design.md §7). Early in training the filter keeps
+most of each batch and on flat losses it keeps most forever: then the scoring forward is pure
+cost. The model predicts the filtered step's cost from what it measured, as a share of a full
+step,
+
+    rho = score_s / full_s + o + (1 - o) * s,
+
+where `o` is the fixed share of a training step (what does not shrink with fewer samples),
+fitted from filtered steps (`train_s / full_s = o + (1 - o) s`), and `s` is the latest kept
+fraction. A full step's per-sample losses come out of its training forward for free, so the
+worker can say what the filter *would* have kept; `s` then stays current in both modes and
+filtering turns back on as soon as it pays, not at the next probe. Hysteresis: filtering turns
+on when `rho < 1 - margin` and off when `rho > 1`; in between the mode stays. Every
+`probe_every` steps the mode not in use runs for `probe_steps` steps, so the costs it was
+judged by stay fresh.
+
+Distributed use: every rank must take the same branch, or the ranks' collectives diverge. The
+model is a pure function of what it is told, so feed it numbers reduced over all ranks (e.g.
+the slowest rank's seconds, or the mean, and the global kept fraction) and every rank decides
+alike.
+
+Example:
+    >>> cm = CostModel(CostModelConfig(warmup_steps=2, probe_every=100))
+    >>> for step in range(4):
+    ...     mode = cm.decide(step)
+    ...     if mode is Mode.FILTER:   # scoring 0.3 s + training 0.6 s at s = 0.9: no gain
+    ...         cm.observe(step, mode, score_s=0.3, train_s=0.6, kept_frac=0.9)
+    ...     else:
+    ...         cm.observe(step, mode, score_s=0.0, train_s=0.62, kept_frac=0.9)
+    >>> cm.decide(4).value
+    'full'
+
+Pure Python, no I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+class Mode(enum.Enum):
+    """What the worker does this step."""
+
+    FILTER = "filter"  # scoring forward, loss filter, train on the kept samples
+    FULL = "full"  # train on the whole batch (losses still reported, from its forward)
+
+
+@dataclass(frozen=True)
+class CostModelConfig:
+    """When filtering counts as paying.
+
+    Attributes:
+        margin: Filtering turns on when a filtered step is predicted to cost less than
+            `1 - margin` of a full step, and off when it costs more than a full step.
+        warmup_steps: Steps measured in each mode (full first) before the first decision.
+        probe_every: Steps between probes of the mode not in use.
+        probe_steps: Steps per probe.
+        smoothing: Weight of the old estimate when a new measurement arrives (an EMA).
+    """
+
+    margin: float = 0.05
+    warmup_steps: int = 10
+    probe_every: int = 200
+    probe_steps: int = 4
+    smoothing: float = 0.8
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.margin) and 0.0 <= self.margin < 1.0):
+            raise ValueError(f"margin must be in [0, 1), got {self.margin}")
+        if self.warmup_steps < 1:
+            raise ValueError(f"warmup_steps must be >= 1, got {self.warmup_steps}")
+        if self.probe_steps < 1 or self.probe_every <= self.probe_steps:
+            raise ValueError("need probe_steps >= 1 and probe_every > probe_steps, got "
+                             f"{self.probe_steps} and {self.probe_every}")
+        if not 0.0 <= self.smoothing < 1.0:
+            raise ValueError(f"smoothing must be in [0, 1), got {self.smoothing}")
+
+
+@dataclass
+class _Estimates:
+    full_s: float | None = None  # seconds of a full step
+    score_s: float | None = None  # seconds of the scoring forward
+    overhead: float | None = None  # o: fixed share of a training step
+    kept_frac: float | None = None  # s: latest kept fraction (measured or would-be)
+    filter_steps: int = 0
+    full_steps: int = 0
+
+
+@dataclass
+class CostModel:
+    """Chooses, per step, between filtered and full steps from measured costs.
+
+    Call `decide(step)` before the step and `observe(...)` after it, on every rank with the
+    same (reduced) numbers. `decisions` records every change of mode (and why) for metrics;
+    `state_dict`/`load_state_dict` carry it across a checkpoint.
+    """
+
+    config: CostModelConfig = field(default_factory=CostModelConfig)
+    mode: Mode = Mode.FILTER
+    decisions: list[dict[str, Any]] = field(default_factory=list)
+    _est: _Estimates = field(default_factory=_Estimates)
+    _last_switch: int = 0
+
+    # -- the two calls ---------------------------------------------------------------------
+
+    def decide(self, step: int) -> Mode:
+        """The mode of `step` (steps count up from 0; the same step always gets one answer)."""
+        cfg, est = self.config, self._est
+        # Full steps first: a filtered step is judged against them (the fixed share `o` needs
+        # the cost of a full step), and early in training the filter seldom pays anyway.
+        if est.full_steps < cfg.warmup_steps:
+            return Mode.FULL
+        if est.filter_steps < cfg.warmup_steps:
+            return Mode.FILTER
+        rho = self.predicted_ratio()
+        assert rho is not None  # both modes measured
+        if self.mode is Mode.FILTER and rho > 1.0:
+            self._switch(step, Mode.FULL, rho)
+        elif self.mode is Mode.FULL and rho < 1.0 - cfg.margin:
+            self._switch(step, Mode.FILTER, rho)
+        since = step - self._last_switch
+        if since > 0 and since % cfg.probe_every >= cfg.probe_every - cfg.probe_steps:
+            return Mode.FULL if self.mode is Mode.FILTER else Mode.FILTER
+        return self.mode
+
+    def observe(self, step: int, mode: Mode, *, score_s: float, train_s: float,
+                kept_frac: float | None) -> None:
+        """Records what one step cost.
+
+        Args:
+            step: The step (for the record only).
+            mode: The mode it ran in.
+            score_s: Seconds of its scoring forward (0 for a full step).
+            train_s: Seconds of its training step (forward, backward, optimizer).
+            kept_frac: Share of the batch the filter kept; for a full step, the share it would
+                have kept (from the training forward's losses), or None if not computed.
+
+        Raises:
+            ValueError: Negative or non-finite seconds, or a kept fraction outside [0, 1].
+        """
+        for name, v in (("score_s", score_s), ("train_s", train_s)):
+            if not (math.isfinite(v) and v >= 0.0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if kept_frac is not None and not 0.0 <= kept_frac <= 1.0:
+            raise ValueError(f"kept_frac must be in [0, 1], got {kept_frac!r}")
+        est, a = self._est, self.config.smoothing
+        if kept_frac is not None:
+            est.kept_frac = _ema(est.kept_frac, kept_frac, a)
+        if mode is Mode.FULL:
+            est.full_s = _ema(est.full_s, train_s + score_s, a)
+            est.full_steps += 1
+            return
+        est.score_s = _ema(est.score_s, score_s, a)
+        est.filter_steps += 1
+        if est.full_s and kept_frac is not None and kept_frac < 0.95:
+            # o from train_s / full_s = o + (1 - o) s; near s = 1 it is undetermined.
+            o = (train_s / est.full_s - kept_frac) / (1.0 - kept_frac)
+            est.overhead = _ema(est.overhead, min(max(o, 0.0), 1.0), a)
+
+    # -- what it knows ---------------------------------------------------------------------
+
+    def predicted_ratio(self) -> float | None:
+        """Predicted cost of a filtered step over a full one (None until both were measured)."""
+        est = self._est
+        if not est.full_s or est.score_s is None or est.kept_frac is None:
+            return None
+        # Until a filtered step with a useful kept fraction was seen, assume no fixed share:
+        # the most optimistic reading, so filtering is tried rather than ruled out.
+        o = est.overhead if est.overhead is not None else 0.0
+        return est.score_s / est.full_s + o + (1.0 - o) * est.kept_frac
+
+    def summary(self) -> dict[str, Any]:
+        """Numbers for metrics: mode, estimates, predicted ratio and the number of switches."""
+        return {"mode": self.mode.value, "predicted_ratio": self.predicted_ratio(),
+                "switches": len(self.decisions), **asdict(self._est)}
+
+    def _switch(self, step: int, to: Mode, rho: float) -> None:
+        self.decisions.append({"step": step, "mode": to.value, "predicted_ratio": rho,
+                               "kept_frac": self._est.kept_frac})
+        self.mode = to
+        self._last_switch = step
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode.value, "decisions": [dict(d) for d in self.decisions],
+                "estimates": asdict(self._est), "last_switch": self._last_switch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.mode = Mode(state["mode"])
+        self.decisions = [dict(d) for d in state["decisions"]]
+        self._est = _Estimates(**state["estimates"])
+        self._last_switch = int(state["last_switch"])
+
+
+def _ema(old: float | None, new: float, keep: float) -> float:
+    return new if old is None else keep * old + (1.0 - keep) * new

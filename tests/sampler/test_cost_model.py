@@ -1,0 +1,127 @@
+"""The runtime cost model, driven by synthetic timings."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from hardbatch.sampler.cost_model import CostModel, CostModelConfig, Mode
+
+FULL_S = 1.0  # a full step
+SCORE_S = 0.3  # the scoring forward
+OVERHEAD = 0.1  # share of a training step that does not shrink with fewer samples
+
+
+def train_s(kept: float) -> float:
+    return FULL_S * (OVERHEAD + (1 - OVERHEAD) * kept)
+
+
+def drive(cm: CostModel, kept_at, steps: range) -> list[Mode]:
+    """Runs `steps` with kept fraction `kept_at(step)`; returns the mode of each step."""
+    modes = []
+    for step in steps:
+        mode = cm.decide(step)
+        s = kept_at(step)
+        if mode is Mode.FILTER:
+            cm.observe(step, mode, score_s=SCORE_S, train_s=train_s(s), kept_frac=s)
+        else:
+            cm.observe(step, mode, score_s=0.0, train_s=FULL_S, kept_frac=s)
+        modes.append(mode)
+    return modes
+
+
+def config(**kw) -> CostModelConfig:
+    base = {"warmup_steps": 3, "probe_every": 50, "probe_steps": 2, "margin": 0.05,
+            "smoothing": 0.5}
+    return CostModelConfig(**{**base, **kw})
+
+
+def test_warmup_measures_full_then_filter() -> None:
+    cm = CostModel(config())
+    modes = drive(cm, lambda s: 0.5, range(6))
+    assert modes == [Mode.FULL] * 3 + [Mode.FILTER] * 3
+
+
+def test_filter_turns_off_while_it_keeps_most_and_back_on_when_it_pays() -> None:
+    # Early training keeps 90% (a filtered step costs 0.3 + 0.91 > 1); later it keeps 20%
+    # (0.3 + 0.28 < 0.95). The full steps report what the filter would have kept.
+    cm = CostModel(config())
+    modes = drive(cm, lambda s: 0.9 if s < 30 else 0.2, range(60))
+    assert modes[6:30].count(Mode.FULL) == 24
+    assert all(m is Mode.FILTER for m in modes[33:])
+    assert [d["mode"] for d in cm.decisions] == ["full", "filter"]
+    off, on = cm.decisions
+    assert off["step"] == 6 and off["predicted_ratio"] > 1.0
+    assert 30 <= on["step"] <= 33 and on["predicted_ratio"] < 0.95
+    assert cm.summary()["mode"] == "filter" and cm.summary()["switches"] == 2
+
+
+def test_the_prediction_matches_the_cost_formula() -> None:
+    cm = CostModel(config(smoothing=0.0))
+    drive(cm, lambda s: 0.4, range(6))
+    assert cm.predicted_ratio() == pytest.approx(SCORE_S + OVERHEAD + (1 - OVERHEAD) * 0.4)
+    assert cm.mode is Mode.FILTER  # the model starts in filter mode and 0.76 < 0.95 keeps it
+    assert cm.summary()["overhead"] == pytest.approx(OVERHEAD)
+
+
+def test_hysteresis_keeps_the_mode_between_the_thresholds() -> None:
+    # Predicted ratio 0.97: not cheap enough to turn on (< 0.95), not dear enough to turn off.
+    kept = (0.97 - SCORE_S - OVERHEAD) / (1 - OVERHEAD)
+    on = CostModel(config())
+    drive(on, lambda s: kept, range(40))
+    assert on.mode is Mode.FILTER and on.decisions == []
+    off = CostModel(config())
+    drive(off, lambda s: 0.9, range(10))  # turned off
+    drive(off, lambda s: kept, range(10, 40))
+    assert off.mode is Mode.FULL and len(off.decisions) == 1
+
+
+def test_probes_run_the_other_mode_periodically() -> None:
+    cm = CostModel(config())
+    modes = drive(cm, lambda s: 0.9, range(200))
+    # Switched off at step 6; then FILTER probes of 2 steps at the end of every 50 steps.
+    probes = [i for i, m in enumerate(modes[7:], start=7) if m is Mode.FILTER]
+    assert probes == [54, 55, 104, 105, 154, 155]
+    assert cm.summary()["filter_steps"] == 3 + 6
+
+
+def test_same_measurements_same_decisions_and_checkpoint_resume() -> None:
+    def kept(step: int) -> float:
+        return 0.95 - 0.004 * step if step < 200 else 0.1
+
+    a, b = CostModel(config()), CostModel(config())
+    assert drive(a, kept, range(150)) == drive(b, kept, range(150))
+    state = copy.deepcopy(a.state_dict())
+    c = CostModel(config())
+    c.load_state_dict(state)
+    assert drive(a, kept, range(150, 300)) == drive(c, kept, range(150, 300))
+    assert a.decisions == c.decisions and a.summary() == c.summary()
+
+
+def test_without_would_be_kept_fractions_a_probe_turns_it_back_on() -> None:
+    cm = CostModel(config())
+    for step in range(300):
+        mode = cm.decide(step)
+        s = 0.9 if step < 20 else 0.1
+        if mode is Mode.FILTER:
+            cm.observe(step, mode, score_s=SCORE_S, train_s=train_s(s), kept_frac=s)
+        else:  # the worker does not compute what the filter would keep
+            cm.observe(step, mode, score_s=0.0, train_s=FULL_S, kept_frac=None)
+    assert [d["mode"] for d in cm.decisions] == ["full", "filter"]
+    assert cm.decisions[1]["step"] == 55  # during the first probe (steps 54, 55)
+
+
+@pytest.mark.parametrize("kw", [{"score_s": -1.0}, {"train_s": float("nan")},
+                                {"kept_frac": 1.5}, {"kept_frac": -0.1}])
+def test_bad_measurements_raise(kw) -> None:
+    args = {"score_s": 0.1, "train_s": 0.2, "kept_frac": 0.5, **kw}
+    with pytest.raises(ValueError):
+        CostModel().observe(0, Mode.FILTER, **args)
+
+
+@pytest.mark.parametrize("kw", [{"margin": 1.0}, {"margin": -0.1}, {"warmup_steps": 0},
+                                {"probe_steps": 0}, {"probe_every": 4, "probe_steps": 4},
+                                {"smoothing": 1.0}])
+def test_bad_config_raises(kw) -> None:
+    with pytest.raises(ValueError):
+        CostModelConfig(**kw)
