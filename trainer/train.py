@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from hardbatch.sampler.filter import LossShareFilter, per_sample
-from hardbatch.trainer.task import Task, TaskArgs, iter_batches, load_task
+from hardbatch.trainer.task import Task, TaskArgs, count_correct, iter_batches, load_task
 from tqdm.auto import tqdm
 
 BUILTIN_TASK = "hardbatch.trainer.mnist1d_task:make"
@@ -51,6 +51,9 @@ class TrainConfig:
     score_precision: str = field(default="auto", metadata={
         "help": "Precision of the scoring forward: fp32, bf16, or auto (bf16 where the "
                 "hardware runs it fast: AMX/AVX512-BF16 CPUs, bf16 GPUs)."})
+    precision: str = field(default="fp32", metadata={
+        "help": "Precision of the training step, forward and backward: fp32, bf16 (autocast), "
+                "or fp16 (autocast with a gradient scaler; CUDA only)."})
     evals_per_epoch: int = field(default=1, metadata={
         "help": "Validation passes per epoch (finer time-to-accuracy curves)."})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, or auto."})
@@ -73,6 +76,8 @@ class TrainConfig:
         if self.score_precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"score_precision must be fp32, bf16 or auto, got "
                              f"{self.score_precision!r}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0, got {self.threads}")
 
@@ -90,6 +95,17 @@ class TrainConfig:
         fast = (torch.cuda.is_bf16_supported() if device.type == "cuda"
                 else torch.ops.mkldnn._is_mkldnn_bf16_supported())
         return torch.bfloat16 if fast else None
+
+    def train_dtype(self, device: torch.device) -> torch.dtype | None:
+        """The autocast dtype of the training step, or None for full precision.
+
+        Raises:
+            ValueError: fp16 off CUDA (its gradient scaler is a CUDA tool; use bf16 there).
+        """
+        if self.precision == "fp16" and device.type != "cuda":
+            raise ValueError(f"precision fp16 needs a CUDA device, not {device.type}; "
+                             "use bf16 (autocast) or fp32")
+        return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
 
 
 @dataclass
@@ -155,27 +171,32 @@ class Runtime:
 @torch.no_grad()
 def evaluate(task: Task, model: torch.nn.Module, device: torch.device, rt: Runtime | None = None,
              batch_size: int = 2048) -> tuple[float, float]:
-    """Mean validation loss and accuracy (each rank scores its share of the validation set)."""
+    """Mean validation loss per sample and accuracy per predicted element (per sample, or per
+    position for per-position outputs); each rank scores its share of the validation set.
+    Always in full precision: it measures the weights, whatever precision trained them."""
     rt = rt or Runtime()
     model.eval()
     n_val = len(task.val)  # type: ignore[arg-type]
-    total_loss, correct = 0.0, 0
+    total_loss, correct, predicted = 0.0, 0, 0
     batches = torch.arange(rt.rank, n_val, rt.world_size).split(batch_size)
     for _, (x, y, *_) in iter_batches(task.val, batches):
         x, y = x.to(device), y.to(device)
         out = model(x)
         total_loss += float(per_sample(task.loss(out, y)).sum())
-        correct += int((task.logits(out).argmax(dim=-1) == y).sum())
+        right, made = count_correct(task.logits(out), y)
+        correct, predicted = correct + right, predicted + made
     model.train()
-    loss_sum, correct_sum = rt.all_reduce([total_loss, float(correct)])
-    return loss_sum / n_val, correct_sum / n_val
+    loss_sum, correct_sum, predicted_sum = rt.all_reduce(
+        [total_loss, float(correct), float(predicted)])
+    return loss_sum / n_val, correct_sum / max(predicted_sum, 1.0)
 
 
 def train_step(
     task: Task, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     x: torch.Tensor, y: torch.Tensor, filt: LossShareFilter | None,
     all_reduce: Callable[[list[float]], list[float]] = lambda v: v,
-    score_dtype: torch.dtype | None = None,
+    score_dtype: torch.dtype | None = None, train_dtype: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step; returns (per-sample losses of the whole batch, kept mask), on the CPU
     when filtering.
@@ -186,11 +207,16 @@ def train_step(
     any rank's filter refused its batch (NaN/inf losses): then every rank raises at the same
     step instead of the others waiting in a collective. `score_dtype` runs the scoring forward
     under autocast: it only ranks examples, so bf16 is precise enough and ~3x cheaper.
+    `train_dtype` runs the training forward under autocast too (mixed precision), and
+    `scaler` scales the loss for fp16 (whose small gradients would underflow).
     """
     optimizer.zero_grad(set_to_none=True)
+    train_autocast = torch.autocast(x.device.type, dtype=train_dtype or torch.float32,
+                                    enabled=train_dtype is not None)
     if filt is None:
         count = all_reduce([float(x.shape[0])])[0]
-        losses = per_sample(task.loss(model(x), y))
+        with train_autocast:
+            losses = per_sample(task.loss(model(x), y)).float()
         keep = None
     else:
         autocast = torch.autocast(x.device.type, dtype=score_dtype or torch.float32,
@@ -209,11 +235,18 @@ def train_step(
             raise refused or ValueError(
                 f"the loss filter refused the batch on {int(n_refused)} other rank(s)")
         keep = keep_cpu.to(x.device)
-        losses = per_sample(task.loss(model(x[keep]), y[keep]))
+        with train_autocast:
+            losses = per_sample(task.loss(model(x[keep]), y[keep])).float()
     # DDP averages gradients over ranks; scaling by world size turns that into a global sum.
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    (losses.sum() * (world / count)).backward()
-    optimizer.step()
+    loss = losses.sum() * (world / count)
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
     if keep is None:
         return losses.detach(), torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
     mask = torch.zeros(x.shape[0], dtype=torch.bool)
@@ -239,6 +272,7 @@ def fit(config: TrainConfig, reporter: Reporter | None = None,
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     device = config.resolved_device()
+    train_dtype = config.train_dtype(device)  # refuses fp16 off CUDA before building anything
     if task is None:
         task = load_task(config.task)(TaskArgs(config.num_samples, config.width, config.seed,
                                                dict(config.task_args)))
@@ -254,6 +288,7 @@ def fit(config: TrainConfig, reporter: Reporter | None = None,
     filt = LossShareFilter(config.min_loss_perc, config.min_samples_perc) if config.filter \
         else None
     score_dtype = config.score_dtype(device)
+    scaler = torch.amp.GradScaler(device.type) if config.precision == "fp16" else None
     plan_fn = rt.plans or (lambda ep, n: local_plan(n, config.batch_size, config.seed, ep))
 
     result = RunResult(config=asdict(config))
@@ -264,6 +299,8 @@ def fit(config: TrainConfig, reporter: Reporter | None = None,
         optimizer.load_state_dict(rt.resume["optimizer"])
         scheduler.load_state_dict(rt.resume["scheduler"])
         step, first_epoch = rt.resume["step"], rt.resume["epoch"]
+        if scaler is not None and rt.resume.get("scaler"):
+            scaler.load_state_dict(rt.resume["scaler"])
         result = RunResult(**rt.resume["result"])
         result.config.setdefault("resumed_at_epochs", []).append(first_epoch)
     for epoch in range(first_epoch, config.epochs):
@@ -282,7 +319,8 @@ def fit(config: TrainConfig, reporter: Reporter | None = None,
         for i, (ids, (x, y, *_)) in enumerate(bar, start=1):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             losses, kept = train_step(task, model, optimizer, x, y, filt, rt.all_reduce,
-                                      score_dtype=score_dtype)
+                                      score_dtype=score_dtype, train_dtype=train_dtype,
+                                      scaler=scaler)
             step += 1
             if step < scheduler.total_steps:  # a plan longer than promised must not crash it
                 scheduler.step()
@@ -318,6 +356,7 @@ def fit(config: TrainConfig, reporter: Reporter | None = None,
             rt.on_epoch_end({
                 "model": getattr(model, "module", model).state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
                 "step": step, "epoch": epoch + 1, "result": asdict(result),
             })
     return result
