@@ -12,7 +12,7 @@ test: setup
 	.venv/bin/python -m pytest -q
 
 bench: setup
-	.venv/bin/hardbatch bench filter --out bench-out
+	.venv/bin/hardbatch bench frontier --out bench-out
 
 lint: setup
 	.venv/bin/ruff check . && .venv/bin/mypy

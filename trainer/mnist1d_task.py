@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hardbatch.trainer.task import Task, TaskArgs
+from hardbatch.trainer.task import Task, TaskArgs, check_extra, flip_labels, noise_share
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -68,19 +68,23 @@ class ConvNet1D(nn.Module):
 def make(args: TaskArgs) -> Task:
     """MNIST-1D: `args.num_samples` training samples and up to 10,000 validation samples.
 
-    `--task-arg data_seed=N` picks another generated dataset (default 42, mnist1d's own).
+    `--task-arg data_seed=N` picks another generated dataset (default 42, mnist1d's own);
+    `--task-arg noise=0.2` flips 20% of the training labels (validation stays clean).
     """
+    check_extra(args.extra, ("data_seed", "noise"), "mnist1d")
     if args.num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {args.num_samples}")
     if args.width < 1:
         raise ValueError(f"width must be >= 1, got {args.width}")
     num_val = min(VAL_SAMPLES, max(args.num_samples // 5, 100))
     # The data stay the same across run seeds (which vary init and order) unless asked.
-    a = make_arrays(args.num_samples, num_val, seed=int(args.extra.get("data_seed", 42)))
+    data_seed = int(args.extra.get("data_seed", 42))
+    a = make_arrays(args.num_samples, num_val, seed=data_seed)
+    y, noisy = flip_labels(a["y"], noise_share(args.extra), 10, seed=data_seed)
     torch.manual_seed(args.seed)
     return Task(
         model=ConvNet1D(args.width),
-        train=TensorDataset(torch.from_numpy(a["x"]), torch.from_numpy(a["y"])),
+        train=TensorDataset(torch.from_numpy(a["x"]), torch.from_numpy(y)),
         val=TensorDataset(torch.from_numpy(a["x_val"]), torch.from_numpy(a["y_val"])),
-        num_classes=10,
+        num_classes=10, noisy_ids=noisy,
     )

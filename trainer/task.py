@@ -2,6 +2,7 @@
 
 A task is any function `make(args: TaskArgs) -> Task`, named by a dotted path
 `package.module:function`, so users plug in their own model and data without editing hardbatch.
+The built-in tasks also answer to short names: `mnist1d`, `tabular` and `sequence`.
 Sample ids are the integer positions 0..N-1 of the training dataset: they must stay stable for
 the whole run, because the loss store and the sampler address samples by them.
 """
@@ -13,10 +14,20 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
+
+# Short names of the built-in tasks, for `--task`.
+BUILTIN_TASKS = {
+    "mnist1d": "hardbatch.trainer.mnist1d_task:make",
+    "tabular": "hardbatch.trainer.tabular_task:make",
+    "sequence": "hardbatch.trainer.sequence_task:make",
+}
+# What a task can be judged by: validation accuracy (higher is better) or loss (lower is).
+METRICS = ("accuracy", "val_loss")
 
 
 def logits_of(output: Any) -> torch.Tensor:
@@ -52,12 +63,17 @@ class Task:
             directly (fast path); any other map-style dataset goes through a `DataLoader`.
         val: validation dataset.
         loss: `(model output, target) -> per-sample losses`, shape (B,) or (B, ...).
-        logits: `model output -> logits` for accuracy.
+        logits: `model output -> logits` for accuracy: (B, C) for one label per sample, or
+            per position (B, C, ...) as `F.cross_entropy` takes them, or (B, ..., C).
         num_classes: number of classes, for reporting.
         optimizer: `parameters -> optimizer`, the task's own choice (used unless
             `--optimizer` names one); None: AdamW with `--lr` and `--weight-decay`.
         scheduler: `(optimizer, total_steps) -> LR scheduler` stepped once per batch (used
             unless `--schedule` names one); None: OneCycle peaking at `--lr`.
+        metric: what the task is judged by: "accuracy", or "val_loss" where accuracy says
+            little (e.g. next-token prediction); benchmarks set their targets on it.
+        noisy_ids: training ids whose labels were flipped on purpose (`--task-arg noise=...`),
+            so a benchmark can check which of them a run flags; None when no label was flipped.
     """
 
     model: nn.Module
@@ -69,6 +85,12 @@ class Task:
     optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None
     scheduler: Callable[[torch.optim.Optimizer, int], torch.optim.lr_scheduler.LRScheduler] \
         | None = None
+    metric: str = "accuracy"
+    noisy_ids: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.metric not in METRICS:
+            raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
 
     @property
     def num_samples(self) -> int:
@@ -86,10 +108,17 @@ class TaskArgs:
 
 
 def load_task(path: str) -> Callable[[TaskArgs], Task]:
-    """Resolves `package.module:function` to a task factory."""
+    """Resolves a built-in task's short name or `package.module:function` to a task factory.
+
+    Example:
+        >>> load_task("tabular").__name__
+        'make'
+    """
+    path = BUILTIN_TASKS.get(path, path)
     module_name, sep, attr = path.partition(":")
     if not sep or not module_name or not attr:
-        raise ValueError(f"task must look like 'package.module:function', got {path!r}")
+        raise ValueError(f"task must be one of {', '.join(BUILTIN_TASKS)} or look like "
+                         f"'package.module:function', got {path!r}")
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
@@ -158,3 +187,67 @@ def iter_batches(
                         num_workers=num_workers, collate_fn=IdCollate())
     for ids, batch in loader:
         yield ids, tuple(batch)
+
+
+def count_correct(logits: torch.Tensor, target: torch.Tensor) -> tuple[int, int]:
+    """Correct predictions and predictions made: one per element of `target`, so a model with
+    per-position outputs is scored per position.
+
+    The class dimension is the one `F.cross_entropy` uses (dim 1), or the last one when only
+    that fits the target's shape.
+
+    Example:
+        >>> count_correct(torch.tensor([[[2.0, 0.0], [0.0, 1.0]]]), torch.tensor([[0, 0]]))
+        (1, 2)
+    """
+    if logits.ndim != target.ndim + 1 or logits.shape[0] != target.shape[0]:
+        raise ValueError(f"logits of shape {tuple(logits.shape)} do not fit targets of shape "
+                         f"{tuple(target.shape)}")
+    if logits.shape[2:] == target.shape[1:]:
+        pred = logits.argmax(dim=1)
+    elif logits.shape[1:-1] == target.shape[1:]:
+        pred = logits.argmax(dim=-1)
+    else:
+        raise ValueError(f"logits of shape {tuple(logits.shape)} do not fit targets of shape "
+                         f"{tuple(target.shape)}")
+    return int((pred == target).sum()), target.numel()
+
+
+def check_extra(extra: dict[str, str], allowed: Sequence[str], task: str) -> None:
+    """Refuses task arguments a task does not know, instead of silently ignoring a typo."""
+    unknown = sorted(set(extra) - set(allowed))
+    if unknown:
+        known = ", ".join(allowed) or "none"
+        raise ValueError(f"the {task} task does not take {', '.join(unknown)} (it takes: {known})")
+
+
+def noise_share(extra: dict[str, str]) -> float:
+    """The `noise` task argument: the share of training labels to flip (default 0)."""
+    raw = extra.get("noise", "0")
+    try:
+        share = float(raw)
+    except ValueError:
+        raise ValueError(f"noise must be a number in [0, 1), got {raw!r}") from None
+    if not 0.0 <= share < 1.0:
+        raise ValueError(f"noise must be in [0, 1), got {share}")
+    return share
+
+
+def flip_labels(y: np.ndarray, share: float, num_classes: int,
+                seed: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Gives `share` of the labels, chosen by `seed`, another class drawn uniformly.
+
+    Returns the new labels and the sorted ids that were flipped (None when share is 0).
+
+    Example:
+        >>> y, ids = flip_labels(np.zeros(10, dtype=np.int64), 0.2, 3, seed=0)
+        >>> len(ids), bool((y[ids] != 0).all()), int((y != 0).sum())
+        (2, True, 2)
+    """
+    if share == 0.0:
+        return y, None
+    rng = np.random.default_rng([seed, 0x5EED])
+    ids = np.sort(rng.choice(len(y), size=round(share * len(y)), replace=False))
+    flipped = y.copy()
+    flipped[ids] = (y[ids] + rng.integers(1, num_classes, size=len(ids))) % num_classes
+    return flipped, ids

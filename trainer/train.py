@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from hardbatch.sampler.filter import per_sample
-from hardbatch.trainer.task import Task, TaskArgs, iter_batches, load_task
+from hardbatch.trainer.task import Task, TaskArgs, count_correct, iter_batches, load_task
 from hardbatch.trainer.worker import Reporter, Worker, WorkerConfig
 from tqdm.auto import tqdm
 
@@ -60,6 +60,9 @@ class TrainConfig:
     min_loss_perc: float = _as_in_worker_config("min_loss_perc")
     min_samples_perc: float = _as_in_worker_config("min_samples_perc")
     score_precision: str = _as_in_worker_config("score_precision")
+    precision: str = field(default="fp32", metadata={
+        "help": "Precision of the training step, forward and backward: fp32, bf16 (autocast), "
+                "or fp16 (autocast with a gradient scaler; CUDA only)."})
     evals_per_epoch: int = field(default=1, metadata={
         "help": "Validation passes per epoch (finer time-to-accuracy curves)."})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, or auto."})
@@ -82,6 +85,8 @@ class TrainConfig:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if not (self.grad_clip >= 0 and math.isfinite(self.grad_clip)):
             raise ValueError(f"grad_clip must be >= 0, got {self.grad_clip}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
         self.worker_config()  # the filter settings, checked where they are used
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0, got {self.threads}")
@@ -96,6 +101,17 @@ class TrainConfig:
         return WorkerConfig(seed=self.seed, filter=self.filter, min_loss_perc=self.min_loss_perc,
                             min_samples_perc=self.min_samples_perc,
                             score_precision=self.score_precision, **overrides)
+
+    def train_dtype(self, device: torch.device) -> torch.dtype | None:
+        """The autocast dtype of the training step, or None for full precision.
+
+        Raises:
+            ValueError: fp16 off CUDA (its gradient scaler is a CUDA tool; use bf16 there).
+        """
+        if self.precision == "fp16" and device.type != "cuda":
+            raise ValueError(f"precision fp16 needs a CUDA device, not {device.type}; "
+                             "use bf16 (autocast) or fp32")
+        return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
 
 
 @dataclass
@@ -147,38 +163,55 @@ class Runtime:
 @torch.no_grad()
 def evaluate(task: Task, model: torch.nn.Module, device: torch.device, hb: Worker | None = None,
              batch_size: int = 2048) -> tuple[float, float]:
-    """Mean validation loss and accuracy (each rank scores its share of the validation set)."""
+    """Mean validation loss per sample and accuracy per predicted element (per sample, or per
+    position for per-position outputs); each rank scores its share of the validation set.
+    Always in full precision: it measures the weights, whatever precision trained them."""
     rank, world = (hb.rank, hb.world_size) if hb else (0, 1)
     model.eval()
     n_val = len(task.val)  # type: ignore[arg-type]
-    total_loss, correct = 0.0, 0
+    total_loss, correct, predicted = 0.0, 0, 0
     batches = torch.arange(rank, n_val, world).split(batch_size)
     for _, (x, y, *_) in iter_batches(task.val, batches):
         x, y = x.to(device), y.to(device)
         out = model(x)
         total_loss += float(per_sample(task.loss(out, y)).sum())
-        correct += int((task.logits(out).argmax(dim=-1) == y).sum())
+        right, made = count_correct(task.logits(out), y)
+        correct, predicted = correct + right, predicted + made
     model.train()
-    loss_sum, correct_sum = hb.all_reduce([total_loss, float(correct)]) if hb else (
-        total_loss, float(correct))
-    return loss_sum / n_val, correct_sum / n_val
+    sums = [total_loss, float(correct), float(predicted)]
+    loss_sum, correct_sum, predicted_sum = hb.all_reduce(sums) if hb else sums
+    return loss_sum / n_val, correct_sum / max(predicted_sum, 1.0)
 
 
 def train_step(hb: Worker, task: Task, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               ids: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-               grad_clip: float = 0.0) -> torch.Tensor:
+               ids: torch.Tensor, x: torch.Tensor, y: torch.Tensor, grad_clip: float = 0.0,
+               train_dtype: torch.dtype | None = None,
+               scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
     """One optimizer step on the examples `hb.select` keeps; returns the (detached) loss.
 
     The scoring forward, the filter, the kept count over ranks, the NaN policy and the loss
-    normalization are the `Worker`'s (see `hardbatch.trainer.worker`).
+    normalization are the `Worker`'s (see `hardbatch.trainer.worker`). `train_dtype` runs the
+    training forward under autocast (mixed precision); `scaler` scales the loss for fp16,
+    whose small gradients would underflow.
     """
     optimizer.zero_grad(set_to_none=True)
     keep = hb.select(ids, lambda: task.loss(model(x), y))
-    loss = hb.loss(task.loss(model(x[keep]), y[keep]))
-    loss.backward()
+    with torch.autocast(x.device.type, dtype=train_dtype or torch.float32,
+                        enabled=train_dtype is not None):
+        losses = task.loss(model(x[keep]), y[keep])
+    loss = hb.loss(losses.float())
+    if scaler is None:
+        loss.backward()
+    else:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)
+        scaler.update()
     return loss.detach()
 
 
@@ -226,6 +259,7 @@ def fit(config: TrainConfig, reporter: Reporter | None = None,
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     device = config.resolved_device()
+    config.train_dtype(device)  # refuses fp16 off CUDA before building anything
     if task is None:
         task = load_task(config.task)(TaskArgs(config.num_samples, config.width, config.seed,
                                                dict(config.task_args)))
@@ -245,6 +279,8 @@ def _train(config: TrainConfig, task: Task, model: torch.nn.Module, hb: Worker, 
            device: torch.device) -> RunResult:
     total_steps = config.epochs * hb.steps_per_epoch
     optimizer, scheduler = make_optimizer(config, task, model, total_steps)
+    train_dtype = config.train_dtype(device)
+    scaler = torch.amp.GradScaler(device.type) if config.precision == "fp16" else None
     result = RunResult(config=asdict(config))
     first_epoch = 0
     if rt.resume is not None:
@@ -253,6 +289,8 @@ def _train(config: TrainConfig, task: Task, model: torch.nn.Module, hb: Worker, 
         scheduler.load_state_dict(rt.resume["scheduler"])
         hb.load_state_dict(rt.resume["hardbatch"])
         first_epoch = rt.resume["epoch"]
+        if scaler is not None and rt.resume.get("scaler"):
+            scaler.load_state_dict(rt.resume["scaler"])
         result = RunResult(**rt.resume["result"])
         result.config.setdefault("resumed_at_epochs", []).append(first_epoch)
     for epoch in range(first_epoch, config.epochs):
@@ -267,7 +305,8 @@ def _train(config: TrainConfig, task: Task, model: torch.nn.Module, hb: Worker, 
         tick = time.perf_counter()
         for i, (ids, (x, y, *_)) in enumerate(bar, start=1):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            train_step(hb, task, model, optimizer, ids, x, y, config.grad_clip)
+            train_step(hb, task, model, optimizer, ids, x, y, config.grad_clip, train_dtype,
+                       scaler)
             if hb.step < total_steps:  # a plan longer than promised must not crash OneCycle
                 scheduler.step()
             if i in eval_at:
@@ -293,5 +332,6 @@ def _train(config: TrainConfig, task: Task, model: torch.nn.Module, hb: Worker, 
                 "model": getattr(model, "module", model).state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "epoch": epoch + 1, "result": asdict(result), "hardbatch": hb.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
             })
     return result

@@ -35,13 +35,39 @@ def main() -> None:
 @click.option("--quick", is_flag=True, help="Small sizes for a smoke run (seconds, not minutes).")
 @click.option("--out", type=click.Path(file_okay=False), default="bench-out", show_default=True,
               help="Folder for NAME.json and plots.")
-def bench(name: str, quick: bool, out: str) -> None:
+@click.option("--task", default=None,
+              help="frontier: task to train, mnist1d, tabular, sequence or package.module:function "
+                   "[default: mnist1d].")
+@click.option("--task-arg", "task_args", multiple=True, metavar="KEY=VALUE",
+              help="frontier: task argument, e.g. noise=0.2 (repeatable).")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="frontier: 1 trains in this process, more on Ray Train workers [default: 1].")
+@click.option("--seeds", type=click.IntRange(min=1), default=None,
+              help="frontier: seeds per config [default: 3, --quick 2].")
+@click.option("--threads", type=click.IntRange(min=0), default=None,
+              help="frontier: torch threads per training process (0: torch's default) "
+                   "[default: 1].")
+def bench(name: str, quick: bool, out: str, task: str | None, task_args: tuple[str, ...],
+          workers: int | None, seeds: int | None, threads: int | None) -> None:
     """Run benchmark NAME, print its table and write OUT/NAME.json."""
     bench_mod = _benchmarks()
     names = sorted(bench_mod.BENCHMARKS)  # type: ignore[attr-defined]
     if name not in names:
         raise click.BadParameter(f"{name!r} is not one of {', '.join(names)}", param_hint="NAME")
-    bench_mod.run_benchmark(name, quick=quick, out=out)  # type: ignore[attr-defined]
+    pairs = [a.partition("=") for a in task_args]
+    if any(not sep or not k for k, sep, _ in pairs):
+        raise click.BadParameter(f"expected KEY=VALUE, got {task_args}", param_hint="--task-arg")
+    given = {"task": task, "task_args": {k: v for k, _, v in pairs} or None, "workers": workers,
+             "seeds": seeds, "threads": threads}
+    options = {k: v for k, v in given.items() if v is not None}
+    try:
+        if task is not None:
+            from hardbatch.trainer.task import load_task
+
+            load_task(task)
+        bench_mod.run_benchmark(name, quick=quick, out=out, **options)  # type: ignore[attr-defined]
+    except ValueError as e:
+        raise click.UsageError(str(e)) from e
 
 
 from hardbatch.cli.serve import hardness_cmd, serve_cmd, top_cmd  # noqa: E402

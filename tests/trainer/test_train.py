@@ -81,3 +81,34 @@ def test_evals_per_epoch_gives_finer_curves():
     assert [e["step"] for e in r.evals] == [4, 8, 12, 16, 20, 24]
     assert r.time_to_accuracy(0.0) == r.evals[0]["train_time_s"]
     assert r.time_to_accuracy(1.01) is None
+
+
+def test_bf16_training_trains_and_differs_from_fp32():
+    fp32 = fit(SMALL)
+    bf16 = fit(dataclasses.replace(SMALL, precision="bf16"))
+    assert bf16.config["precision"] == "bf16"
+    assert bf16.final_accuracy > 0.2  # ten classes: it learned
+    assert bf16.evals[-1]["val_loss"] < bf16.evals[0]["val_loss"] * 1.05
+    assert [e["val_loss"] for e in bf16.evals] != [e["val_loss"] for e in fp32.evals]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal off CUDA")
+def test_fp16_needs_cuda_and_says_so():
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        fit(dataclasses.replace(SMALL, precision="fp16"))
+    with pytest.raises(ValueError, match="precision must be"):
+        TrainConfig(precision="fp8")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 with a gradient scaler is CUDA")
+def test_fp16_trains_on_cuda_with_a_scaler():
+    r = fit(dataclasses.replace(SMALL, precision="fp16", device="cuda"))
+    assert r.final_accuracy > 0.2
+
+
+def test_per_position_outputs_get_per_element_accuracy():
+    cfg = dataclasses.replace(SMALL, task="sequence", num_samples=400, width=8, epochs=1,
+                              batch_size=100)
+    r = fit(cfg)
+    assert 0.0 < r.final_accuracy <= 1.0  # per position, not positions per sample
+    assert r.epochs[-1]["samp_perc"] <= 1.0

@@ -1,0 +1,322 @@
+"""`hardbatch bench frontier`: does hardbatch train faster than the best plain training a user
+could run instead?
+
+Plain training at several epoch budgets, each in fp32 and in mixed precision for the whole
+step (bf16 autocast, or fp16 with a scaler on GPUs without bf16) where the hardware runs it
+fast, traces the plain frontier: the least training time to reach each validation target. hardbatch
+in the configuration a user gets by default (`JobConfig()`), and two ablations of it, trace
+theirs: `uniform` is the same with uniform plans (`alpha=0`), `filter_only` the same with plans
+that cover all data (`plan_fraction=1`). An ablation identical to the default is not trained
+again: it shares the default's runs, and the JSON says so.
+
+Every config runs for several seeds (model init and data order), seed-major, rotating through
+all configs within a seed so that drift on a shared machine hits every arm. For each target,
+from the plain frontier's best median accuracy down one point (for tasks judged by validation
+loss: from its best median loss up 2%), a config's time is the training time by which half of
+its seeds reached it; an arm's time is its best config's. speedup = plain / hardbatch.
+Training time excludes validation, Redis/service/Ray startup and worker-group setup.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hardbatch.trainer.distributed import JobConfig
+from hardbatch.trainer.task import BUILTIN_TASKS, Task, TaskArgs, load_task
+
+from benchmarks import frontier_stats as st
+from benchmarks.frontier_runners import LocalRunner, RayRunner
+
+ARMS = ("plain", "hardbatch", "uniform", "filter_only")
+# The service's default cap on one listing (Settings.max_limit): precision is measured on the
+# most certain suspects up to it; `listed_total` says how many the service flagged in all.
+SUSPECT_LIMIT = 10_000
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale:
+    """Sizes and budgets of one benchmark run."""
+
+    num_samples: int
+    width: int
+    batch_size: int
+    plain_budgets: tuple[int, ...]
+    hardbatch_budgets: tuple[int, ...]
+    evals_per_run: int  # about this many validation passes per run, whatever its budget
+
+
+# Built-in tasks at sizes that finish 3 seeds in about half an hour on the 2-core development
+# machine (an AMD EPYC without AVX-512: the width-128 CNN costs ~10x what it did on the AMX
+# machine of the first measurements, so MNIST-1D runs at width 32); a user's own task gets
+# JobConfig's sizes.
+FULL = {
+    "mnist1d": Scale(50_000, 32, 256, (2, 4, 7, 12), (4, 7, 12), 12),
+    "tabular": Scale(50_000, 128, 256, (2, 4, 7, 12), (4, 7, 12), 12),
+    "sequence": Scale(20_000, 32, 256, (2, 4, 7, 12), (4, 7, 12), 12),
+}
+QUICK = Scale(2_000, 16, 128, (1, 2, 4), (2, 4), 4)
+QUICK_SEEDS, FULL_SEEDS = 2, 3
+
+
+def default_scale(quick: bool, task: str) -> Scale:
+    if quick:
+        return QUICK
+    if task in FULL:
+        return FULL[task]
+    d = JobConfig()
+    return Scale(d.num_samples, d.width, d.batch_size, (2, 4, 7, d.epochs), (4, 7, d.epochs), 12)
+
+
+def plain_precisions(device: torch.device) -> tuple[list[str], str]:
+    """The precisions plain training runs in here, and why: fp32, and the mixed precision a
+    user would pick where the hardware runs it fast (the test `score_precision=auto` uses)."""
+    if device.type == "cuda":
+        mixed = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return ["fp32", mixed], f"fp32 and {mixed} autocast on {torch.cuda.get_device_name()}"
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return ["fp32", "bf16"], "fp32 and bf16 autocast (this CPU runs bf16 natively)"
+    return ["fp32"], ("fp32 only: this CPU has no native bf16 (AVX512-BF16/AMX), so bf16 "
+                      "autocast runs many times slower than fp32 and no user would pick it")
+
+
+def arm_jobs(base: JobConfig) -> dict[str, JobConfig]:
+    """The four arms, from hardbatch's defaults; each ablation overrides only what it ablates."""
+    return {
+        "plain": dataclasses.replace(base, plans="local", filter=False),
+        "hardbatch": base,
+        "uniform": dataclasses.replace(base, alpha=0.0),
+        "filter_only": dataclasses.replace(base, plan_fraction=1.0),
+    }
+
+
+def schedule(arms: dict[str, JobConfig], scale: Scale, seeds: list[int],
+             precisions: list[str]) -> list[dict[str, Any]]:
+    """Every (config, seed) to train: seed-major; within a seed all configs, arms interleaved
+    budget by budget, starting one place later for each seed."""
+    configs: list[dict[str, Any]] = []
+    plain = [("plain", p) for p in precisions]
+    for epochs in sorted(set(scale.plain_budgets) | set(scale.hardbatch_budgets)):
+        for arm, precision in (plain[0], ("hardbatch", None), *plain[1:], ("uniform", None),
+                               ("filter_only", None)):
+            budgets = scale.plain_budgets if arm == "plain" else scale.hardbatch_budgets
+            if epochs not in budgets or (arm != "hardbatch" and arm != "plain"
+                                         and arms[arm] == arms["hardbatch"]):
+                continue
+            precision = precision or arms[arm].precision
+            configs.append({"config": f"{arm}/{precision}/{epochs}ep", "arm": arm,
+                            "precision": precision, "epochs": epochs})
+    plan = []
+    for i, seed in enumerate(seeds):
+        k = i % len(configs)
+        plan += [{**c, "seed": seed} for c in configs[k:] + configs[:k]]
+    return plan
+
+
+def job_for(arms: dict[str, JobConfig], item: dict[str, Any], scale: Scale) -> JobConfig:
+    return dataclasses.replace(
+        arms[item["arm"]], epochs=item["epochs"], seed=item["seed"], precision=item["precision"],
+        evals_per_epoch=max(1, round(scale.evals_per_run / item["epochs"])))
+
+
+def machine_info() -> dict[str, Any]:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=10).stdout.strip()
+    except OSError:
+        commit = ""
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "platform": platform.platform(), "processor": platform.processor(),
+            "cpus": os.cpu_count(), "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "git_commit": commit, "load_average_start": list(os.getloadavg())}
+
+
+def run(quick: bool, out: Path, task: str = "mnist1d", task_args: dict[str, str] | None = None,
+        workers: int = 1, seeds: int | None = None, threads: int = 1) -> dict[str, Any]:
+    """Trains every config for every seed and writes the frontier (see the module doc).
+
+    Args:
+        quick: CI-sized data, model, budgets and seeds.
+        out: folder for plots (and the JSON, written by the caller).
+        task: a built-in task's short name or a dotted task path.
+        task_args: `--task-arg` pairs, e.g. {"noise": "0.2"}.
+        workers: 1 trains in this process; more trains on that many Ray Train workers.
+        seeds: seeds per config (default 3, quick 2).
+        threads: torch threads per training process (1: a 2-core machine keeps a core for the
+            service, Redis and the loss reporter, and timings on a shared machine stay stable).
+    """
+    n_seeds = seeds if seeds is not None else (QUICK_SEEDS if quick else FULL_SEEDS)
+    if n_seeds < 1 or workers < 1 or threads < 0:
+        raise ValueError("need seeds >= 1, workers >= 1 and threads >= 0")
+    scale = default_scale(quick, task)
+    task_args = dict(task_args or {})
+    base = dataclasses.replace(
+        JobConfig(), task=BUILTIN_TASKS.get(task, task), task_args=task_args,
+        num_samples=scale.num_samples, width=scale.width, batch_size=scale.batch_size,
+        workers=workers, threads=threads, progress=False)
+    probe: Task = load_task(base.task)(TaskArgs(base.num_samples, base.width, 0, task_args))
+    arms = arm_jobs(base)
+    precisions, precision_note = plain_precisions(base.resolved_device())
+    plan = schedule(arms, scale, list(range(n_seeds)), precisions)
+    started, info = time.perf_counter(), machine_info()
+    runs, suspects = [], []
+    runner = LocalRunner(out) if workers == 1 else RayRunner(out)
+    with runner:
+        for k, item in enumerate(plan, start=1):
+            job = job_for(arms, item, scale)
+            trained, run_name = runner.train(job, probe.num_samples)
+            runs.append({**item, "run": run_name, "train_time_s": trained.train_time_s,
+                         "evals": trained.evals, "epoch_metrics": trained.epochs})
+            last = trained.evals[-1]
+            print(f"[{k}/{len(plan)}] {item['config']} seed {item['seed']}: "
+                  f"acc {100 * last['val_accuracy']:.2f}% loss {last['val_loss']:.4f} "
+                  f"in {trained.train_time_s:.1f}s (kept {trained.epochs[-1]['samp_perc']:.2f})",
+                  flush=True)
+            noisy = probe.noisy_ids
+            if run_name is not None and noisy is not None \
+                    and item["arm"] == "hardbatch" \
+                    and item["epochs"] == max(scale.hardbatch_budgets):
+                runner.settle(run_name)
+                # Every suspect the service lists (the listing's cap is far above any
+                # flipped-label count of the built-in tasks).
+                listing = runner.client.suspects(run_name, limit=SUSPECT_LIMIT)
+                listed = [int(x["id"]) for x in listing["samples"]]
+                hits = int(np.isin(listed, noisy).sum())
+                suspects.append({"run": run_name, "seed": item["seed"], "listed": len(listed),
+                                 "listed_total": listing["total"],
+                                 "flipped_listed": hits,
+                                 "precision": hits / len(listed) if listed else None})
+    result = analyze(runs, probe.metric, arms)
+    result.update(
+        task=base.task, task_name=task, task_args=task_args, workers=workers, seeds=n_seeds,
+        quick=quick, threads=threads, num_samples=scale.num_samples, width=scale.width,
+        batch_size=scale.batch_size, plain_budgets=list(scale.plain_budgets),
+        hardbatch_budgets=list(scale.hardbatch_budgets), plain_precisions=precisions,
+        precision_note=precision_note,
+        hardbatch_config={k: v for k, v in dataclasses.asdict(base).items()
+                          if k not in ("task", "task_args", "run", "address", "service",
+                                       "redis", "storage", "progress", "epochs", "seed")},
+        ablations={arm: {"overrides": overrides, "same_as_default": arms[arm] == arms["hardbatch"]}
+                   for arm, overrides in (("uniform", {"alpha": 0.0}),
+                                          ("filter_only", {"plan_fraction": 1.0}))},
+        **suspect_summary(probe, suspects),
+        machine={**info, "load_average_end": list(os.getloadavg())},
+        wall_time_s=time.perf_counter() - started,
+        runs=runs,
+    )
+    from benchmarks.frontier_plots import plot_best_curves, plot_frontiers
+
+    result["plots"] = [str(p) for p in [plot_frontiers(result, out),
+                                        *plot_best_curves(result, out)]]
+    print_table(result)
+    return result
+
+
+def analyze(runs: list[dict[str, Any]], metric: str, arms: dict[str, JobConfig]) -> dict[str, Any]:
+    """The frontier from the runs: per-config summaries, targets, speedups."""
+    curves: dict[str, dict[str, list[Any]]] = {arm: {} for arm in ARMS}
+    kept: dict[str, list[float]] = {}
+    meta: dict[str, dict[str, Any]] = {}
+    for r in runs:
+        curves[r["arm"]].setdefault(r["config"], []).append(r["evals"])
+        kept.setdefault(r["config"], []).append(r["epoch_metrics"][-1]["samp_perc"])
+        meta[r["config"]] = {k: r[k] for k in ("arm", "precision", "epochs")}
+    for arm in ("uniform", "filter_only"):
+        if arms[arm] == arms["hardbatch"]:  # the same config: it shares the default's runs
+            curves[arm] = curves["hardbatch"]
+    plain_best = st.best_config(curves["plain"], metric)
+    best = statistics.median(st.final(c, metric) for c in curves["plain"][plain_best])
+    targets = st.targets_from(best, metric)
+    rows = []
+    for target in targets:
+        row: dict[str, Any] = {"target": target, "best_config": {}}
+        for arm in ARMS:
+            t, name, per_seed = st.fastest(curves[arm], target, metric)
+            row[f"{arm}_time_s"] = t
+            row["best_config"][arm] = (None if name is None else
+                                       {"config": name, "half_time": t, "per_seed": per_seed})
+        row["speedup"] = st.ratio(row["plain_time_s"], row["hardbatch_time_s"])
+        row["speedup_vs_uniform"] = st.ratio(row["uniform_time_s"], row["hardbatch_time_s"])
+        rows.append(row)
+    best_configs = {arm: st.best_config(curves[arm], metric) for arm in ARMS}
+    hb_best = best_configs["hardbatch"]
+
+    def median_of(arm: str, config: str, key: str) -> float:
+        return statistics.median(c[-1][key] for c in curves[arm][config])
+
+    return {
+        "metric": metric, "arms": list(ARMS),
+        "configs": {name: {**meta[name], **st.summarize_config(
+            curves[m["arm"]][name], kept[name], targets, metric)} for name, m in meta.items()},
+        "best_configs": best_configs,
+        "plain_best_config": plain_best,
+        "plain_best_metric": best,
+        "plain_best_accuracy": median_of("plain", plain_best, "val_accuracy"),
+        "plain_best_val_loss": median_of("plain", plain_best, "val_loss"),
+        "hardbatch_best_accuracy": median_of("hardbatch", hb_best, "val_accuracy"),
+        "hardbatch_val_loss": median_of("hardbatch", hb_best, "val_loss"),
+        "targets": rows,
+        "speedup_at_best": rows[0]["speedup"],
+        "min_speedup_within_1pt": st.min_speedup([r["speedup"] for r in rows]),
+        "speedup_vs_uniform_at_best": rows[0]["speedup_vs_uniform"],
+        "target_window": ("accuracy: best median down 1 point" if metric == "accuracy"
+                          else "val loss: best median up 2%"),
+    }
+
+
+def suspect_summary(task: Task, suspects: list[dict[str, Any]]) -> dict[str, Any]:
+    if task.noisy_ids is None:
+        return {"suspect_precision": None, "suspect_note": "no training labels were flipped"}
+    values = [s["precision"] for s in suspects if s["precision"] is not None]
+    return {"suspect_precision": statistics.median(values) if values else None,
+            "suspect_note": "median over seeds of GET /v1/runs/{run}/suspects at the end of "
+                            "the longest hardbatch run",
+            "suspects": suspects, "flipped_labels": len(task.noisy_ids)}
+
+
+def print_table(r: dict[str, Any]) -> None:
+    acc = r["metric"] == "accuracy"
+
+    def fmt(t: float | None) -> str:
+        return "never" if t is None else f"{t:.1f}"
+
+    def fmt_x(s: float | None) -> str:
+        return "-" if s is None else f"{s:.2f}x"
+
+    print(f"\n{r['task_name']} ({r['task']}) {r['task_args'] or ''}: {r['workers']} worker(s), "
+          f"{r['seeds']} seeds, {r['num_samples']} samples, judged by {r['metric']}")
+    print(f"{'config':<26}{'final acc':>22}{'val loss':>10}{'train s':>9}{'kept':>6}")
+    for name, c in sorted(r["configs"].items(), key=lambda kv: (ARMS.index(kv[1]["arm"]),
+                                                                 kv[1]["precision"],
+                                                                 kv[1]["epochs"])):
+        a = c["final_accuracy"]
+        print(f"{name:<26}{100 * a['median']:>8.2f}% [{100 * a['min']:.2f}-{100 * a['max']:.2f}]"
+              f"{c['final_val_loss']['median']:>10.4f}{c['train_time_s']['median']:>9.1f}"
+              f"{c['final_kept_fraction']['median']:>6.2f}")
+    print(f"\n{'target':>9}{'plain s':>9}{'hardbatch s':>13}{'uniform s':>11}"
+          f"{'filter-only s':>15}{'speedup':>9}")
+    for t in r["targets"]:
+        target = f"{100 * t['target']:.2f}%" if acc else f"{t['target']:.4f}"
+        print(f"{target:>9}{fmt(t['plain_time_s']):>9}{fmt(t['hardbatch_time_s']):>13}"
+              f"{fmt(t['uniform_time_s']):>11}{fmt(t['filter_only_time_s']):>15}"
+              f"{fmt_x(t['speedup']):>9}")
+    print(f"\nspeedup at the best plain median ({r['plain_best_config']}): "
+          f"{fmt_x(r['speedup_at_best'])}; least within the window: "
+          f"{fmt_x(r['min_speedup_within_1pt'])}; vs uniform plans at best: "
+          f"{fmt_x(r['speedup_vs_uniform_at_best'])}")
+    print(f"plain best: {100 * r['plain_best_accuracy']:.2f}% / val loss "
+          f"{r['plain_best_val_loss']:.4f}; hardbatch best ({r['best_configs']['hardbatch']}): "
+          f"{100 * r['hardbatch_best_accuracy']:.2f}% / val loss {r['hardbatch_val_loss']:.4f}")
+    if r["suspect_precision"] is not None or r["task_args"].get("noise"):
+        print(f"suspect precision: {r['suspect_precision']} ({r['suspect_note']})")
+    print(f"wall time {r['wall_time_s'] / 60:.1f} min\n")

@@ -1,0 +1,111 @@
+"""The frontier's arithmetic: targets, time to a target over seeds, and the best config per arm.
+
+Pure functions over run curves (lists of eval dicts with `train_time_s`, `val_accuracy`,
+`val_loss`), so they are tested without training anything.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+# Targets run from the plain frontier's best median down by one accuracy point in 0.1-point
+# steps; for tasks judged by validation loss, from the best median loss up by 2% in 0.2% steps.
+STEPS = 10
+ACCURACY_WINDOW = 0.01
+LOSS_WINDOW = 0.02
+
+Curve = Sequence[dict[str, float]]
+
+
+def key_of(metric: str) -> str:
+    return "val_accuracy" if metric == "accuracy" else "val_loss"
+
+
+def reaches(value: float, target: float, metric: str) -> bool:
+    # A hair of slack, so a target computed from the same numbers is reached by them exactly.
+    return value >= target - 1e-12 if metric == "accuracy" else value <= target + 1e-12
+
+
+def final(curve: Curve, metric: str) -> float:
+    return curve[-1][key_of(metric)]
+
+
+def time_to(curve: Curve, target: float, metric: str) -> float | None:
+    """Training seconds of the first eval at or past `target`, or None if none was."""
+    key = key_of(metric)
+    return next((e["train_time_s"] for e in curve if reaches(e[key], target, metric)), None)
+
+
+def half_time(times: Sequence[float | None]) -> float | None:
+    """The time by which half of the seeds reached a target: the median for an odd count (the
+    lower median for an even one), with "never" (None) counted as later than any time. None
+    when more than half never did.
+
+    Example:
+        >>> half_time([3.0, None, 1.0]), half_time([1.0, None, None]), half_time([2.0, 1.0])
+        (3.0, None, 1.0)
+    """
+    ranked = sorted(times, key=lambda t: math.inf if t is None else t)
+    return ranked[math.ceil(len(ranked) / 2) - 1] if ranked else None
+
+
+def spread(values: Sequence[float]) -> dict[str, float]:
+    """Median, min and max."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def targets_from(best: float, metric: str) -> list[float]:
+    """From `best` (the plain frontier's best median) to one point (2%) worse, in 11 steps."""
+    if metric == "accuracy":
+        return [best - ACCURACY_WINDOW * k / STEPS for k in range(STEPS + 1)]
+    return [best * (1 + LOSS_WINDOW * k / STEPS) for k in range(STEPS + 1)]
+
+
+def best_config(curves_by_config: dict[str, list[Curve]], metric: str) -> str:
+    """The config with the best median final value of `metric`."""
+    def score(name: str) -> float:
+        m = statistics.median(final(c, metric) for c in curves_by_config[name])
+        return m if metric == "accuracy" else -m
+
+    return max(curves_by_config, key=score)
+
+
+def fastest(curves_by_config: dict[str, list[Curve]], target: float,
+            metric: str) -> tuple[float | None, str | None, list[float | None]]:
+    """(best half-time over configs, that config, its per-seed times) for one target."""
+    best: tuple[float | None, str | None, list[float | None]] = (None, None, [])
+    for name, curves in curves_by_config.items():
+        times = [time_to(c, target, metric) for c in curves]
+        t = half_time(times)
+        if t is not None and (best[0] is None or t < best[0]):
+            best = (t, name, times)
+    return best
+
+
+def ratio(slow: float | None, fast: float | None) -> float | None:
+    """slow / fast, or None when either never reached the target."""
+    return slow / fast if slow is not None and fast is not None and fast > 0 else None
+
+
+def min_speedup(speedups: Sequence[float | None]) -> float | None:
+    """The smallest speedup over targets; a target hardbatch never reached counts as 0."""
+    return min((0.0 if s is None else s) for s in speedups) if speedups else None
+
+
+def summarize_config(curves: list[Curve], kept: list[float], targets: list[float],
+                     metric: str) -> dict[str, Any]:
+    """Medians and spreads of one config over its seeds."""
+    return {
+        "final_accuracy": spread([c[-1]["val_accuracy"] for c in curves]),
+        "final_val_loss": spread([c[-1]["val_loss"] for c in curves]),
+        "train_time_s": spread([c[-1]["train_time_s"] for c in curves]),
+        "final_kept_fraction": spread(kept),
+        "time_to_target_s": [
+            {"target": t, "half_time": half_time(ts := [time_to(c, t, metric) for c in curves]),
+             "per_seed": ts}
+            for t in targets
+        ],
+    }

@@ -1,0 +1,111 @@
+"""`hardbatch bench frontier --quick` runs the whole benchmark at CI size and writes what the
+README and issue 10's bars read."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from hardbatch.trainer.distributed import JobConfig
+
+from benchmarks import run_benchmark
+from hardbatch.cli import main
+
+TARGET_KEYS = {"target", "plain_time_s", "hardbatch_time_s", "uniform_time_s",
+               "filter_only_time_s", "speedup"}
+TOP_KEYS = {"task", "workers", "seeds", "plain_best_accuracy", "targets", "speedup_at_best",
+            "min_speedup_within_1pt", "speedup_vs_uniform_at_best", "plain_best_val_loss",
+            "hardbatch_best_accuracy", "hardbatch_val_loss", "suspect_precision", "runs",
+            "configs", "machine"}
+
+
+def check_frontier(r: dict, metric: str, seeds: int) -> None:
+    assert set(r) >= TOP_KEYS and r["metric"] == metric and r["seeds"] == seeds
+    targets = [t["target"] for t in r["targets"]]
+    assert len(targets) == 11 and all(set(t) >= TARGET_KEYS for t in r["targets"])
+    worse = sorted(targets, reverse=(metric == "accuracy"))
+    assert targets == worse  # from the best plain median to one point (2%) worse
+    best = r["plain_best_accuracy"] if metric == "accuracy" else r["plain_best_val_loss"]
+    assert targets[0] == pytest.approx(best)
+    for t in r["targets"]:
+        assert t["plain_time_s"] is not None  # plain reaches its own best median and below
+        if t["hardbatch_time_s"] is None:
+            assert t["speedup"] is None
+        else:
+            assert t["speedup"] == pytest.approx(t["plain_time_s"] / t["hardbatch_time_s"])
+    speedups = [t["speedup"] or 0.0 for t in r["targets"]]
+    assert r["min_speedup_within_1pt"] == pytest.approx(min(speedups))
+    assert r["speedup_at_best"] == r["targets"][0]["speedup"]
+    for key in ("plain_best_accuracy", "hardbatch_best_accuracy"):
+        assert 0.0 < r[key] <= 1.0
+    assert r["plain_best_val_loss"] > 0 and r["hardbatch_val_loss"] > 0
+    # every config ran for every seed; curves are per seed, in training time order
+    assert len(r["runs"]) == seeds * len(r["configs"])
+    for run in r["runs"]:
+        times = [e["train_time_s"] for e in run["evals"]]
+        assert times == sorted(times) and times[0] > 0
+        assert len(run["epoch_metrics"]) == run["epochs"]
+    for c in r["configs"].values():
+        assert c["final_accuracy"]["min"] <= c["final_accuracy"]["median"] \
+            <= c["final_accuracy"]["max"]
+
+
+def test_quick_frontier_on_mnist1d_in_one_process(tmp_path):
+    r = run_benchmark("frontier", quick=True, out=tmp_path)
+    saved = json.loads((tmp_path / "frontier.json").read_text())
+    assert saved["speedup_at_best"] == r["speedup_at_best"]
+    check_frontier(saved, "accuracy", seeds=2)
+    assert saved["workers"] == 1 and saved["task_name"] == "mnist1d"
+    assert saved["plain_best_accuracy"] > 0.2  # ten classes: it learned something
+    # interleaved: within a seed hardbatch runs come between plain ones, and each seed starts
+    # at another config
+    arms = [run["arm"] for run in saved["runs"]]
+    per_seed = len(arms) // 2
+    for seed_arms in (arms[:per_seed], arms[per_seed:]):
+        assert seed_arms.index("hardbatch") < len(seed_arms) - 1 - seed_arms[::-1].index("plain")
+    assert saved["runs"][0]["config"] != saved["runs"][per_seed]["config"]
+    # the hardbatch arms are the defaults a user gets; an ablation equal to them is flagged
+    d = JobConfig()
+    assert saved["hardbatch_config"]["plan_fraction"] == d.plan_fraction
+    assert saved["hardbatch_config"]["alpha"] == d.alpha
+    assert saved["ablations"]["filter_only"]["same_as_default"] == (d.plan_fraction == 1.0)
+    hardbatch_runs = [run for run in saved["runs"] if run["arm"] == "hardbatch"]
+    assert all(run["run"] and run["epoch_metrics"][-1]["samp_perc"] < 1 for run in hardbatch_runs)
+    assert {p.name for p in tmp_path.glob("*.png")} == {
+        "frontier.png", "frontier_accuracy.png", "frontier_loss.png"}
+
+
+def test_quick_frontier_on_noisy_tabular_reports_the_suspect_listing_or_its_absence(tmp_path):
+    r = run_benchmark("frontier", quick=True, out=tmp_path, task="tabular",
+                      task_args={"noise": "0.2"}, seeds=1)
+    check_frontier(r, "accuracy", seeds=1)
+    assert r["task_args"] == {"noise": "0.2"}
+    if r["suspect_precision"] is None:
+        assert "no suspect listing" in r["suspect_note"]
+    else:
+        assert 0.0 <= r["suspect_precision"] <= 1.0 and r["flipped_labels"] == 400
+
+
+def test_quick_frontier_on_the_sequence_task_targets_validation_loss(tmp_path):
+    r = run_benchmark("frontier", quick=True, out=tmp_path, task="sequence", seeds=1)
+    check_frontier(r, "val_loss", seeds=1)
+    assert r["suspect_precision"] is None
+
+
+@pytest.mark.slow
+def test_quick_frontier_on_two_ray_workers(tmp_path):
+    r = run_benchmark("frontier", quick=True, out=tmp_path, workers=2, seeds=1)
+    check_frontier(r, "accuracy", seeds=1)
+    assert r["workers"] == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["ingest", "--workers", "2"], "does not take workers"),
+    (["frontier", "--task-arg", "noise"], "expected KEY=VALUE"),
+    (["frontier", "--task", "nope"], "task must be one of"),
+    (["frontier", "--workers", "0"], "0 is not in the range"),
+])
+def test_bench_options_are_checked_before_anything_runs(args, message, tmp_path):
+    result = CliRunner().invoke(main, ["bench", *args, "--quick", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and message in result.output, result.output

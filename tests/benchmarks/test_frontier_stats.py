@@ -1,0 +1,53 @@
+"""The frontier's arithmetic, on hand-made curves."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import frontier_stats as st
+
+
+def curve(*points: tuple[float, float]) -> list[dict[str, float]]:
+    return [{"train_time_s": t, "val_accuracy": a, "val_loss": 1 - a} for t, a in points]
+
+
+def test_half_time_is_the_median_with_never_counted_last():
+    assert st.half_time([3.0, 1.0, 2.0]) == 2.0
+    assert st.half_time([None, 1.0, 2.0]) == 2.0  # one seed of three never: still a time
+    assert st.half_time([None, None, 2.0]) is None  # more than half never: never
+    assert st.half_time([4.0, None]) == 4.0  # half of an even count reached it
+    assert st.half_time([]) is None
+
+
+def test_time_to_finds_the_first_eval_at_or_past_the_target_for_either_metric():
+    c = curve((1.0, 0.5), (2.0, 0.8), (3.0, 0.7), (4.0, 0.9))
+    assert st.time_to(c, 0.8, "accuracy") == 2.0
+    assert st.time_to(c, 0.95, "accuracy") is None
+    assert st.time_to(c, 0.15, "val_loss") == 4.0  # loss 0.1 at 4 s; 0.2 at 2 s is above
+
+
+def test_targets_span_one_point_down_or_two_percent_of_loss_up():
+    acc = st.targets_from(0.99, "accuracy")
+    assert len(acc) == 11 and acc[0] == 0.99 and acc[-1] == pytest.approx(0.98)
+    loss = st.targets_from(2.0, "val_loss")
+    assert loss[0] == 2.0 and loss[-1] == pytest.approx(2.04)
+
+
+def test_fastest_takes_the_best_half_time_over_configs():
+    curves = {
+        "short": [curve((1.0, 0.9)), curve((1.2, 0.85)), curve((1.1, 0.91))],
+        "long": [curve((1.0, 0.8), (3.0, 0.95)), curve((1.0, 0.8), (3.5, 0.95)),
+                 curve((1.0, 0.8), (2.5, 0.95))],
+    }
+    assert st.fastest(curves, 0.92, "accuracy") == (3.0, "long", [3.0, 3.5, 2.5])
+    # two of three short seeds reach 0.9: their half-time beats every long seed
+    assert st.fastest(curves, 0.9, "accuracy") == (1.1, "short", [1.0, None, 1.1])
+    assert st.fastest(curves, 0.99, "accuracy") == (None, None, [])
+    assert st.best_config(curves, "accuracy") == "long"
+
+
+def test_speedups_treat_never_as_no_speedup():
+    assert st.ratio(4.0, 2.0) == 2.0 and st.ratio(None, 2.0) is None
+    assert st.ratio(4.0, None) is None
+    assert st.min_speedup([1.5, None, 2.0]) == 0.0
+    assert st.min_speedup([1.5, 1.2]) == 1.2
