@@ -39,13 +39,18 @@ class JobConfig(TrainConfig):
     plans: str = field(default="service", metadata={
         "help": "Where batches come from: service (hard-biased plans, losses streamed to the "
                 "store) or local (a seeded shuffle, nothing streamed: plain DDP)."})
-    plan_fraction: float = field(default=1.0, metadata={
+    plan_fraction: float = field(default=0.6, metadata={
         "help": "Share of the dataset each epoch's plans cover; below 1 the service picks "
-                "that share, biased toward hard examples."})
+                "that share, biased toward hard examples, with importance weights that keep "
+                "the gradient unbiased (1: every sample, only the order changes)."})
     alpha: float = field(default=1.0, metadata={
         "help": "Plan priority exponent on hardness, in [0, 16] (0: uniform)."})
     lam: float = field(default=0.1, metadata={
         "help": "Uniform floor of the plan distribution, so no sample starves."})
+    beta: float = field(default=1.0, metadata={
+        "help": "Importance-weight exponent in [0, 1] (1: unbiased gradient, 0: no weights)."})
+    anneal_frac: float = field(default=0.125, metadata={
+        "help": "Share of the last epochs whose plans are uniform (InfoBatch's annealing)."})
     placement: str = field(default="PACK", metadata={
         "help": "Placement of workers on nodes: PACK, SPREAD, STRICT_SPREAD, STRICT_PACK."})
     max_failures: int = field(default=2, metadata={
@@ -76,7 +81,8 @@ class JobConfig(TrainConfig):
 
     def plan_config(self) -> PlanConfig:
         """How the service's plans lean toward hard samples."""
-        return PlanConfig(alpha=self.alpha, lam=self.lam, total_rounds=self.epochs)
+        return PlanConfig(alpha=self.alpha, lam=self.lam, beta=self.beta,
+                          anneal_frac=self.anneal_frac, total_rounds=self.epochs)
 
     def worker_config(self, **overrides: Any) -> WorkerConfig:
         """The workers' filter settings and plan fraction (plus `overrides`)."""

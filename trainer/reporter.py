@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 import redis
+from hardbatch.sampler.hardness import DEFAULT_DECAY
 from hardbatch.sampler.records import (
     RECORD_DTYPE,
     RECORD_SIZE,
@@ -173,7 +174,7 @@ class LossReporter:
     """
 
     def __init__(self, redis_url: str, run: str, rank: int = 0, *,
-                 num_samples: int | None = None, ema_decay: float = 0.9,
+                 num_samples: int | None = None, ema_decay: float = DEFAULT_DECAY,
                  max_buffer_records: int = 1_000_000, max_batch_records: int = 65_536,
                  spill_dir: str | Path | None = None, max_spill_bytes: int = 1 << 30,
                  replay_window_s: float = 5.0, socket_timeout_s: float = 5.0,

@@ -255,8 +255,9 @@ class Worker:
                 raises at the same step.
         """
         n = len(ids)
+        w = self._weights(ids)
         if not self.config.filter:
-            count, _ = self.all_reduce([float(n), 0.0])
+            count, _ = self.all_reduce([float(n) if w is None else float(w.sum()), 0.0])
             self._pending = _Selection(ids, None, None, count, 1.0)
             return slice(None)
         if callable(score):
@@ -280,22 +281,27 @@ class Worker:
                                   nonfinite=self.config.nonfinite), None  # type: ignore[arg-type]
         except ValueError as e:
             sel, refused = None, e
-        count, n_refused = self.all_reduce([float(len(sel.indices) if sel else 0),
-                                            float(refused is not None)])
+        keep = sel.indices if sel is not None else torch.zeros(0, dtype=torch.long)
+        if w is not None:
+            # Weight 0 is the plan saying "do not train on it" (a suspected label error): it is
+            # scored and reported, never trained on. The rest weigh by their importance weight.
+            keep = keep[w[keep] > 0]
+        kept_weight = float(len(keep)) if w is None else float(w[keep].sum())
+        count, n_refused = self.all_reduce([kept_weight, float(refused is not None)])
         if n_refused:
             raise refused or ValueError(
                 f"the loss filter refused the batch on {int(n_refused)} other rank(s)")
         assert sel is not None
-        self._pending = _Selection(ids, scored, sel.indices, count, sel.loss_perc)
-        return sel.indices.to(device)
+        self._pending = _Selection(ids, scored, keep, count, sel.loss_perc)
+        return keep.to(device)
 
     def loss(self, losses: torch.Tensor) -> torch.Tensor:
-        """The loss to call `backward()` on: `sum(w * kept losses) * world / global kept
-        count`, and this step's scored losses go to the loss store.
+        """The loss to call `backward()` on: `sum(w * kept losses) * world / sum(w)` over
+        the kept examples of all ranks, and this step's scored losses go to the loss store.
 
         DDP averages gradients over ranks; the `* world` turns that into the sum over all kept
-        examples, divided by how many were kept over all ranks. `w` is each example's
-        importance weight when the plans carry them, else 1.
+        examples, divided by their total weight over all ranks (their count when every `w` is
+        1). `w` is each example's importance weight when the plans carry them, else 1.
 
         Args:
             losses: per-sample losses (`reduction="none"`) of the examples `select` kept.
@@ -307,9 +313,7 @@ class Worker:
         ids_kept = sel.ids if sel.keep is None else sel.ids[sel.keep.to(sel.ids.device)]
         if len(losses) != len(ids_kept):
             raise ValueError(f"loss() got {len(losses)} losses for {len(ids_kept)} kept examples")
-        rnd = self.sampler.current
-        w = (rnd.weights_of(ids_kept) if self.config.importance_weights and rnd is not None
-             else None)
+        w = self._weights(ids_kept)
         total = (losses * w.to(losses.device)).sum() if w is not None else losses.sum()
         self.step += 1
         scored = sel.scored if sel.scored is not None else losses.detach().float().cpu()
@@ -321,7 +325,16 @@ class Worker:
         if self.reporter is not None:
             self.reporter.report(sel.ids.cpu().numpy(), scored.numpy(), kept.numpy(), self.step,
                                  self.epoch)
-        return total * (self.world_size / sel.count)
+        # All kept weights zero on every rank (a batch of suspects only): no gradient.
+        return total * (self.world_size / sel.count) if sel.count > 0 else total * 0.0
+
+    def _weights(self, ids: torch.Tensor) -> torch.Tensor | None:
+        """The plan's importance weights of `ids` (CPU), or None when not applied."""
+        rnd = self.sampler.current
+        if not self.config.importance_weights or rnd is None:
+            return None
+        w = rnd.weights_of(ids)
+        return None if w is None else w.float()
 
     # -- numbers -------------------------------------------------------------------------------
 

@@ -165,8 +165,9 @@ def test_next_round_is_asked_for_at_90_percent_for_a_dataset_that_is_not_tensors
 def test_importance_weights_of_the_plan_scale_each_kept_loss(redis_url):
     n, bs = 2000, 100
     plan = PlanConfig(alpha=2.0, lam=0.1, beta=1.0)
+    # Half the data a round: inclusion probabilities, and so weights, differ by hardness.
     with Driver(n, rounds=2, redis=redis_url, run="worker-weights", plan=plan,
-                ray_address=None) as d:
+                ray_address=None, worker=WorkerConfig(plan_fraction=0.5)) as d:
         # Some history first, so the service's priorities (and weights) differ per sample.
         rep = LossReporter(d.redis_url, d.run, rank=0)
         rep.report(np.arange(n), np.linspace(0.01, 3.0, n, dtype=np.float32),
@@ -185,9 +186,33 @@ def test_importance_weights_of_the_plan_scale_each_kept_loss(redis_url):
             keep = hb.select(ids, scored)
             loss = hb.loss(scored[keep])
         with d.client() as client:
-            p = client.plan(d.run, rank=0, world_size=1, round=0, batches=n // bs,
+            p = client.plan(d.run, rank=0, world_size=1, round=0, batches=n // 2 // bs,
                             batch_size=bs, with_weights=True)
     w = dict(zip(p.ids.ravel().tolist(), p.weights.ravel().tolist(), strict=True))
     kept_w = torch.tensor([w[i] for i in ids[keep].tolist()])
     assert kept_w.min() < 0.99 * kept_w.max()  # the weights do differ
-    torch.testing.assert_close(loss, (kept_w * scored[keep]).sum() / len(keep))
+    torch.testing.assert_close(loss, (kept_w * scored[keep]).sum() / kept_w.sum())
+
+
+def test_weight_zero_is_never_trained_and_weights_normalize_the_loss():
+    from hardbatch.trainer.plan_source import Round
+
+    n, bs = 8, 8
+    ds = TensorDataset(torch.arange(n, dtype=torch.float32)[:, None], torch.zeros(n))
+    ids = torch.arange(n)
+    # The plan flags sample 7 (the hardest) as a suspect: weight 0.
+    weights = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.5, 2.0, 1.5, 0.0])
+    rec = Recorder()
+    cfg = WorkerConfig(importance_weights=True, min_loss_perc=0.9)
+    with Worker(cfg, ds, batch_size=bs, reporter=rec) as hb:
+        hb.sampler._rounds = lambda e: Round([ids], [weights])
+        got_ids, (x, _) = next(iter(hb.batches(0)))
+        scored = x[:, 0] + 1.0  # losses 1..8: the filter keeps the top ids 7, 6, 5, 4, ...
+        keep = hb.select(got_ids, scored)
+        assert 7 not in got_ids[keep].tolist()  # kept by the filter, dropped by its weight
+        assert {4, 5, 6} <= set(got_ids[keep].tolist())
+        loss = hb.loss(scored[keep])
+    w = weights[got_ids[keep]]
+    torch.testing.assert_close(loss, (w * scored[keep]).sum() / w.sum())
+    (_, losses, kept, _, _), = rec.calls
+    assert len(losses) == n and not kept[7]  # scored and reported, not trained
