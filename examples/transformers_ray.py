@@ -44,7 +44,7 @@ class TinyClassifier(PreTrainedModel):
     def __init__(self, config: TinyConfig) -> None:
         super().__init__(config)
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.head = nn.Sequential(nn.Linear(config.hidden_size, config.hidden_size), nn.ReLU(),
+        self.head = nn.Sequential(nn.Linear(config.hidden_size, config.hidden_size), nn.Tanh(),
                                   nn.Linear(config.hidden_size, config.num_labels))
         self.post_init()
 
