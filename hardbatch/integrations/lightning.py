@@ -38,7 +38,7 @@ import torch
 from lightning.pytorch.utilities import move_data_to_device
 
 from hardbatch.integrations import check_per_sample, take
-from hardbatch.trainer.worker import Reporter, Worker, WorkerConfig
+from hardbatch.trainer.worker import PlanSampler, Reporter, Worker, WorkerConfig
 
 HOOK = "per_sample_loss"
 
@@ -190,21 +190,21 @@ class PlanLoader:
     def __init__(self, callback: HardbatchCallback) -> None:
         self._callback = callback
 
-    def _loader(self) -> torch.utils.data.DataLoader:
+    def _worker(self) -> Worker:
         if self._callback.worker is None:
             raise RuntimeError("this loader belongs to a HardbatchCallback that is not set up: "
                                "add the callback to the Trainer, `Trainer(callbacks=[hb])`")
-        return self._callback.worker.loader
+        return self._callback.worker
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, Any]]:
         # A generator: Lightning calls iter() once just to check the type, and that must not
         # ask the service for a round.
-        yield from self._loader()
+        yield from self._worker().loader
 
     def __len__(self) -> int:
-        return len(self._loader())
+        return len(self._worker().loader)
 
     @property
-    def sampler(self) -> torch.utils.data.Sampler:
+    def sampler(self) -> PlanSampler:
         """The plan sampler, where Lightning looks for `set_epoch`."""
-        return self._loader().sampler
+        return self._worker().sampler

@@ -136,7 +136,9 @@ class HardbatchTrainer(Trainer):
                                     for i in range(n)])
         inputs = self._prepare_inputs(inputs)
         inputs.pop(IDS)
-        model, was_training = self.model, self.model.training
+        model = self.model
+        assert model is not None  # Trainer refuses to start without one
+        was_training = model.training
         model.eval()
         try:
             with torch.no_grad():

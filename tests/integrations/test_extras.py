@@ -3,6 +3,8 @@ and the examples of both train 2 Ray workers with hardbatch on and print their f
 
 from __future__ import annotations
 
+import doctest
+import importlib
 import pkgutil
 import re
 import subprocess
@@ -10,8 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
-import hardbatch
 
 ROOT = Path(__file__).resolve().parents[2]
 EXTRAS = ("lightning", "pytorch_lightning", "transformers", "accelerate")
@@ -38,6 +38,13 @@ def test_the_extras_are_declared_and_installed_by_setup():
     assert re.search(r'^transformers = \["transformers>=', pyproject, re.M)
     assert "pip install -e '.[dev,lightning,transformers]'" in (
         ROOT / "scripts" / "setup.sh").read_text()
+
+
+@pytest.mark.parametrize("module", ["hardbatch.integrations", "hardbatch.integrations.lightning",
+                                    "hardbatch.integrations.transformers"])
+def test_the_examples_in_the_integration_docs_run(module):
+    result = doctest.testmod(importlib.import_module(module))
+    assert result.attempted > 0 and result.failed == 0
 
 
 @pytest.mark.slow

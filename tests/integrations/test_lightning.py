@@ -8,11 +8,11 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from hardbatch.integrations import take
-from hardbatch.integrations.lightning import HardbatchCallback
 from torch.utils.data import TensorDataset
 
 from hardbatch import Worker
+from hardbatch.integrations import take
+from hardbatch.integrations.lightning import HardbatchCallback
 
 
 class MLP(pl.LightningModule):

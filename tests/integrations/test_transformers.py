@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from hardbatch.integrations import take
-from hardbatch.integrations.transformers import IDS, HardbatchTrainer, logits_loss
 from transformers import TrainerCallback, TrainingArguments
 from transformers.modeling_outputs import BaseModelOutput
 
 from hardbatch import Worker
+from hardbatch.integrations import take
+from hardbatch.integrations.transformers import IDS, HardbatchTrainer, logits_loss
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "transformers_ray.py"
 spec = importlib.util.spec_from_file_location("transformers_ray_example", EXAMPLE)
