@@ -120,3 +120,20 @@ def test_the_loader_needs_its_callback_in_the_trainer():
     hb = HardbatchCallback(None, data(64), batch_size=16)
     with pytest.raises(RuntimeError, match="callbacks=\\[hb\\]"):
         trainer().fit(MLP(), train_dataloaders=hb.loader)
+
+
+@pytest.mark.slow
+def test_lightning_ddp_ranks_take_equal_steps_and_share_one_kept_fraction():
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("lightning_ddp.py")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=300, cwd=script.parent)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = sorted(re.findall(r"^rank (\d) of 2: (.*)$", out.stdout, re.M))
+    assert [r for r, _ in lines] == ["0", "1"], out.stdout
+    assert lines[0][1] == lines[1][1]  # the same summary, reduced over both ranks
+    assert "steps 16 " in lines[0][1]  # 512 examples, 2 ranks of 32, 2 epochs
