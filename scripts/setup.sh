@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates .venv with hardbatch and its dev tools. Safe to run again: it only installs what is missing.
+# Creates .venv with hardbatch, its dev tools and the trainer integrations' extras. Safe to run again: it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -21,6 +21,6 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 stamp=.venv/.hardbatch-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  pip install -e '.[dev]'
+  pip install -e '.[dev,lightning,transformers]'
   touch "$stamp"
 fi

@@ -1,0 +1,55 @@
+"""A run at a real sampler service whose plans carry importance weights that differ per sample,
+for checking the integrations' loss against the public worker API."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from hardbatch.trainer.reporter import LossReporter
+
+from hardbatch import Driver, PlanConfig, WorkerConfig
+
+
+class Recorder:
+    """A reporter that keeps what it is sent."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def report(self, ids, losses, kept, step, epoch) -> None:
+        self.calls.append((ids.copy(), losses.copy(), kept.copy(), step, epoch))
+
+
+def weighted_run(redis_url: str, run: str, n: int) -> Iterator[Driver]:
+    plan = PlanConfig(alpha=2.0, lam=0.1, beta=1.0)
+    worker = WorkerConfig(min_loss_perc=0.7, score_precision="fp32")
+    with Driver(n, rounds=2, redis=redis_url, run=run, plan=plan, worker=worker,
+                ray_address=None) as d:
+        # Some history first, so priorities (and so the weights) differ per sample.
+        rep = LossReporter(d.redis_url, d.run, rank=0)
+        rep.report(np.arange(n), np.linspace(0.01, 3.0, n, dtype=np.float32),
+                   np.ones(n, dtype=bool), 1, 0)
+        assert rep.close(30).ok
+        deadline = time.monotonic() + 10
+        while d.info().get("lag_records", 1) > 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert d.worker_config["importance_weights"]
+        yield d
+
+
+@pytest.fixture
+def recorder_class() -> type[Recorder]:
+    return Recorder
+
+
+@pytest.fixture
+def lightning_run(redis_url: str) -> Iterator[Driver]:
+    yield from weighted_run(redis_url, f"lightning-{time.time_ns()}", 256)
+
+
+@pytest.fixture
+def transformers_run(redis_url: str) -> Iterator[Driver]:
+    yield from weighted_run(redis_url, f"transformers-{time.time_ns()}", 256)
