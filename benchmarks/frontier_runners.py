@@ -20,7 +20,7 @@ from hardbatch.services.client import SamplerClient
 from hardbatch.services.redis_server import redis_url_or_embedded
 from hardbatch.services.store import LossStore
 from hardbatch.trainer.distributed import JobConfig
-from hardbatch.trainer.launch import local_service
+from hardbatch.trainer.driver import local_service
 from hardbatch.trainer.train import RunResult
 
 
@@ -82,10 +82,10 @@ class RayRunner(Runner):
 
     def __enter__(self) -> RayRunner:
         import ray
-        from hardbatch.trainer.launch import _ray_init
+        from hardbatch.trainer.driver import ray_init
 
         super().__enter__()
-        if _ray_init(""):
+        if ray_init(""):
             self.callback(ray.shutdown)
         return self
 
