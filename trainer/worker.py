@@ -275,16 +275,18 @@ class Worker:
         scored = scored.cpu() if scored.device.type != "cpu" else scored.clone()
         if len(scored) != n:
             raise ValueError(f"score gave {len(scored)} losses for a batch of {n} ids")
+        # The filter ranks by the loss each example would add to the step, w * l: a weight-0
+        # example (a suspected label error: scored and reported, never trained on) carries no
+        # share, so the filter keeps what the step will actually train on.
+        ranked = scored if w is None else scored * w
         try:
-            sel, refused = select(scored, self.config.min_loss_perc,
+            sel, refused = select(ranked, self.config.min_loss_perc,
                                   self.config.min_samples_perc,
                                   nonfinite=self.config.nonfinite), None  # type: ignore[arg-type]
         except ValueError as e:
             sel, refused = None, e
         keep = sel.indices if sel is not None else torch.zeros(0, dtype=torch.long)
         if w is not None:
-            # Weight 0 is the plan saying "do not train on it" (a suspected label error): it is
-            # scored and reported, never trained on. The rest weigh by their importance weight.
             keep = keep[w[keep] > 0]
         kept_weight = float(len(keep)) if w is None else float(w[keep].sum())
         count, n_refused = self.all_reduce([kept_weight, float(refused is not None)])
