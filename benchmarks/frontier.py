@@ -278,9 +278,11 @@ def suspect_summary(task: Task, suspects: list[dict[str, Any]]) -> dict[str, Any
     if task.noisy_ids is None:
         return {"suspect_precision": None, "suspect_note": "no training labels were flipped"}
     values = [s["precision"] for s in suspects if s["precision"] is not None]
+    note = ("median over seeds of GET /v1/runs/{run}/suspects at the end of the longest "
+            "hardbatch run" if values else
+            "the service listed no suspects (too few scorings per sample for its guard)")
     return {"suspect_precision": statistics.median(values) if values else None,
-            "suspect_note": "median over seeds of GET /v1/runs/{run}/suspects at the end of "
-                            "the longest hardbatch run",
+            "suspect_note": note,
             "suspects": suspects, "flipped_labels": len(task.noisy_ids)}
 
 

@@ -81,10 +81,14 @@ def test_quick_frontier_on_noisy_tabular_reports_the_suspect_listing_or_its_abse
                       task_args={"noise": "0.2"}, seeds=1)
     check_frontier(r, "accuracy", seeds=1)
     assert r["task_args"] == {"noise": "0.2"}
+    # The listing was read; whether a quick run scores samples often enough to flag any
+    # depends on when the service last rebuilt its guard.
+    assert r["flipped_labels"] == 400 and r["suspects"]
     if r["suspect_precision"] is None:
-        assert "no suspect listing" in r["suspect_note"]
+        assert "listed no suspects" in r["suspect_note"]
+        assert all(s["listed"] == 0 for s in r["suspects"])
     else:
-        assert 0.0 <= r["suspect_precision"] <= 1.0 and r["flipped_labels"] == 400
+        assert 0.0 <= r["suspect_precision"] <= 1.0
 
 
 def test_quick_frontier_on_the_sequence_task_targets_validation_loss(tmp_path):
