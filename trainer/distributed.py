@@ -115,7 +115,12 @@ def worker_loop(cfg: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     config = dataclasses.replace(job.train_config(), threads=job.threads or 1,
                                  device=str(device))
-    rank = ray.train.get_context().get_world_rank()
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    # One line per rank, so a multi-node job shows where its ranks landed (Ray Train's own
+    # worker-group listing is an INFO line, turned off for the job).
+    print(f"hardbatch: rank {rank} of {ctx.get_world_size()} on node "
+          f"{ray.util.get_node_ip_address()} ({device})", flush=True)
 
     resume = None
     checkpoint = ray.train.get_checkpoint()
