@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 import numpy as np
 from fastapi import APIRouter, Depends, HTTPException, Path, Query
 from hardbatch.sampler.hardness import HardnessTable, SuspectRule
-from hardbatch.services.api.deps import State, live_run, require_read
+from hardbatch.services.api.deps import ServiceState, State, live_run, require_read
 from hardbatch.services.api.errors import StrictJSONRoute
 from hardbatch.services.api.routes.common import RunName, errors
 from hardbatch.services.api.schemas import (
@@ -62,9 +62,7 @@ def top_samples(
     by: Annotated[HardnessField, Query(description="Field to rank by.")] = "ema",
 ) -> SampleList:
     """The hardest (or easiest) `limit` samples among those scored at least once."""
-    cap = state.settings.max_limit
-    if limit > cap:
-        raise HTTPException(status_code=422, detail=f"limit must be <= {cap}, got {limit}")
+    _check_limit(state, limit)
     r = live_run(state, run, wait_s=2.0)
     m = r.mat()
     guard = r.suspect_rule()
@@ -96,9 +94,7 @@ def suspects(
     The threshold is the one the plans used at their last rebuild (every `refresh_s`); plans
     give these samples weight 0, so the workers score them but do not train on them.
     """
-    cap = state.settings.max_limit
-    if limit > cap:
-        raise HTTPException(status_code=422, detail=f"limit must be <= {cap}, got {limit}")
+    _check_limit(state, limit)
     r = live_run(state, run, wait_s=2.0)
     m = r.mat()
     guard = r.suspect_rule()
@@ -175,3 +171,10 @@ def histogram(
         counts, edges = np.zeros(bins, dtype=np.int64), np.linspace(0.0, 1.0, bins + 1)
     return Histogram(run=run, field=field, edges=edges.tolist(), counts=counts.tolist(),
                      seen=int(len(values)), unseen=int(len(mask) - len(values)))
+
+
+def _check_limit(state: ServiceState, limit: int) -> None:
+    """A listing asks for at most the service's `max_limit` samples (422 otherwise)."""
+    cap = state.settings.max_limit
+    if limit > cap:
+        raise HTTPException(status_code=422, detail=f"limit must be <= {cap}, got {limit}")
