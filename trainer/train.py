@@ -293,6 +293,16 @@ def _train(config: TrainConfig, task: Task, model: torch.nn.Module, hb: Worker, 
             scaler.load_state_dict(rt.resume["scaler"])
         result = RunResult(**rt.resume["result"])
         result.config.setdefault("resumed_at_epochs", []).append(first_epoch)
+    # Exactly once across restarts (docs/store.md, "Attempts"): a checkpointing run tags its
+    # records with the attempt (how many times it resumed), and a resumed attempt tells the
+    # store that records of older ones past its checkpoint's step are superseded.
+    marks = hb.reporter if rt.on_epoch_end is not None else None
+    attempt = len(result.config.get("resumed_at_epochs", []))
+    if marks is not None and hasattr(marks, "resume"):
+        marks.attempt = attempt  # type: ignore[attr-defined]
+        if rt.resume is not None:
+            marks.resume(attempt, hb.step)
+    confirmed = hb.step
     for epoch in range(first_epoch, config.epochs):
         epoch_start = result.train_time_s
         batches = hb.batches(epoch)
@@ -334,4 +344,11 @@ def _train(config: TrainConfig, task: Task, model: torch.nn.Module, hb: Worker, 
                 "epoch": epoch + 1, "result": asdict(result), "hardbatch": hb.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
             })
+            if marks is not None and hasattr(marks, "checkpointed"):
+                # The checkpoint before this one: by now Ray has registered it, so no restart
+                # resumes before it (this one may still be in flight when a worker dies).
+                marks.checkpointed(attempt, confirmed)
+                confirmed = hb.step
+    if marks is not None and hasattr(marks, "checkpointed"):
+        marks.checkpointed(attempt, hb.step)  # finished: nothing will train these steps again
     return result
