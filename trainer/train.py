@@ -338,6 +338,10 @@ def _train(config: TrainConfig, task: Task, model: torch.nn.Module, hb: Worker, 
             "train_time_s": result.train_time_s,
         })
         if rt.on_epoch_end is not None:
+            if marks is not None and hasattr(marks, "flush"):
+                # The records up to the checkpoint reach the store before it exists: a worker
+                # killed after it must not take them along (bounded: Redis may be down).
+                marks.flush(10.0)
             rt.on_epoch_end({
                 "model": getattr(model, "module", model).state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
