@@ -44,6 +44,10 @@ from hardbatch.services.store import CONSUMER_FIELDS, LogEntry, LossStore, Snaps
 log = logging.getLogger(__name__)
 
 APPLY_SLICE = 1 << 17  # records applied per lock hold (~10-30 ms)
+MAX_CANDIDATES = 3  # table copies kept at epoch starts until a checkpoint confirms one
+
+# A copy of the table: its arrays, the stream id it stands at, its consumer counters.
+_Copy = tuple[dict[str, np.ndarray], str, dict[str, int]]
 
 
 @dataclass(frozen=True)
@@ -113,7 +117,11 @@ class Materializer:
         # Exactly once across restarts from checkpoints (docs/store.md, "Attempts"):
         self._fences: dict[int, int] = {}  # attempt -> checkpoint step it resumed from
         self._attempt_max: dict[int, int] = {}  # attempt -> highest live step applied since reload
-        self._safe: tuple[dict[str, np.ndarray], str, dict[str, int]] | None = None
+        # Copies of the table at epoch starts (candidates) and the newest one a checkpoint
+        # marker has confirmed (safe): what snapshot() writes while the live table is not final.
+        self._candidates: list[_Copy] = []
+        self._safe: _Copy | None = None
+        self._max_epoch = -1
         self._reload(store.load_snapshot(run))
 
     # -- reading ---------------------------------------------------------------------------
@@ -143,7 +151,7 @@ class Materializer:
     def _reload(self, snap: Snapshot | None) -> None:
         self._fences = self.store.fences(self.run)
         self._attempt_max = {}  # a snapshot holds final records only: none can be superseded
-        self._safe = None
+        self._safe, self._candidates, self._max_epoch = None, [], -1
         with self.lock:
             if snap is None:
                 for f in FIELDS:
@@ -212,35 +220,35 @@ class Materializer:
                     f"run {self.run}: log entry {e.id} has index {e.index}, "
                     f"expected {expected + j}"
                 )
-        total, group_max = 0, 0
+        total, group_epoch = 0, -1
         group: list[LogEntry] = []
         for e in entries:
             if e.kind:
                 total += self._apply_data(group)
-                group, group_max = [], 0
+                group, group_epoch = [], -1
                 if self._apply_marker(e):
                     self.publish_pending()
                     return total  # rebuilt from the snapshot: the next poll replays from there
                 continue
             if e.attempt is not None:
-                top, confirmed = self._entry_max_step(e), self._counters["confirmed_step"]
-                if (top > confirmed >= max(group_max, self._counters["max_step"])
-                        and self._safe_pos() != (group[-1].id if group else self._last_id)):
-                    # The table holds final records only; this entry brings some a later
-                    # resume may supersede. Keep this state as the one a snapshot may write.
+                epoch = self._entry_top_epoch(e)
+                if epoch > max(group_epoch, self._max_epoch):
+                    # A new epoch starts: its checkpoint is the next a marker may confirm, so
+                    # the state before it is one a snapshot may later write.
                     total += self._apply_data(group)
-                    group, group_max = [], 0
-                    self._keep_safe_copy()
-                group_max = max(group_max, top)
+                    group, group_epoch = [], -1
+                    self._keep_candidate()
+                    self._max_epoch = epoch
+                group_epoch = max(group_epoch, epoch)
             group.append(e)
         total += self._apply_data(group)
         self.publish_pending()
         return total
 
-    def _entry_max_step(self, e: LogEntry) -> int:
+    def _entry_top_epoch(self, e: LogEntry) -> int:
         records = unpack_many([e.payload])
-        steps = records["step"][records["step"] <= self._void_after(e.attempt)]
-        return int(steps.max()) if len(steps) else 0
+        live = records["step"] <= self._void_after(e.attempt)
+        return int(records["epoch"][live].max()) if live.any() else -1
 
     def _void_after(self, attempt: int | None) -> int:
         """Records of `attempt` with a step above this are superseded by a later attempt."""
@@ -274,6 +282,7 @@ class Materializer:
             c["confirmed_step"] = max(c["confirmed_step"], e.step)
             self._last_id = e.id
             self._unpublished = True
+            self._promote_candidates()
         return False
 
     def _apply_data(self, entries: list[LogEntry]) -> int:
@@ -322,13 +331,22 @@ class Materializer:
             self._unpublished = True
         return len(records)
 
-    def _safe_pos(self) -> str | None:
-        return None if self._safe is None else self._safe[1]
-
-    def _keep_safe_copy(self) -> None:
+    def _keep_candidate(self) -> None:
+        """Keeps a copy of the table as it stands (a few at most: the oldest go first)."""
         with self.lock:
+            if self._candidates and self._candidates[-1][1] == self._last_id:
+                return
             arrays = {f: getattr(self.table, f).copy() for f in FIELDS}
-            self._safe = (arrays, self._last_id, dict(self._counters))
+            self._candidates.append((arrays, self._last_id, dict(self._counters)))
+            del self._candidates[:-MAX_CANDIDATES]
+
+    def _promote_candidates(self) -> None:
+        """The newest kept copy that holds only confirmed steps becomes the one to snapshot."""
+        confirmed = self._counters["confirmed_step"]
+        final = [c for c in self._candidates if c[2]["max_step"] <= confirmed]
+        if final:
+            self._safe = final[-1]
+            self._candidates = [c for c in self._candidates if c[2]["max_step"] > confirmed]
 
     def publish_pending(self) -> None:
         """Publishes the consumer counters if the last publish did not happen (or failed)."""
