@@ -482,6 +482,13 @@ class LossStore:
 
     # -- attempts: exactly once across restarts from checkpoints ----------------------------
 
+    def new_attempt(self, run: str) -> int:
+        """A number for a training attempt that is about to start (0, 1, 2, ...): greater than
+        every number handed out before for the run, so a group that restarts from the same
+        checkpoint twice still gets a new one. One rank asks and shares it with the others."""
+        self._meta(run)
+        return int(self.client.hincrby(keys.meta(run), "attempts", 1)) - 1
+
     def resume(self, run: str, attempt: int, step: int) -> bool:
         """Says that training attempt `attempt` continues from the checkpoint at `step`.
 

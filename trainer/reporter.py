@@ -285,6 +285,12 @@ class LossReporter:
             if was_empty or self._mem_records >= self.max_batch_records:
                 self._cond.notify_all()
 
+    def new_attempt(self, timeout_s: float = 60.0) -> int:
+        """A new attempt number from the store (`LossStore.new_attempt`)."""
+        box: list[int] = []
+        self._mark(lambda run, _a, _s: box.append(self._store.new_attempt(run)), 0, 0, timeout_s)
+        return box[0]
+
     def resume(self, attempt: int, step: int, timeout_s: float = 60.0) -> None:
         """Tags this reporter's records with `attempt` and tells the store that it continues
         from the checkpoint at `step` (`LossStore.resume`; retried while Redis is down)."""

@@ -294,14 +294,15 @@ def _train(config: TrainConfig, task: Task, model: torch.nn.Module, hb: Worker, 
         result = RunResult(**rt.resume["result"])
         result.config.setdefault("resumed_at_epochs", []).append(first_epoch)
     # Exactly once across restarts (docs/store.md, "Attempts"): a checkpointing run tags its
-    # records with the attempt (how many times it resumed), and a resumed attempt tells the
-    # store that records of older ones past its checkpoint's step are superseded.
+    # records with a new attempt number (rank 0 asks the store, every rank gets it), and says
+    # which step it starts after: records of older attempts past that step are superseded
+    # (all of them when a group restarts before its first checkpoint).
     marks = hb.reporter if rt.on_epoch_end is not None else None
-    attempt = len(result.config.get("resumed_at_epochs", []))
+    attempt = 0
     if marks is not None and hasattr(marks, "resume"):
-        marks.attempt = attempt  # type: ignore[attr-defined]
-        if rt.resume is not None:
-            marks.resume(attempt, hb.step)
+        mine = marks.new_attempt() if hb.rank == 0 else 0
+        attempt = round(hb.all_reduce([float(mine)])[0])
+        marks.resume(attempt, hb.step)
     confirmed = hb.step
     for epoch in range(first_epoch, config.epochs):
         epoch_start = result.train_time_s

@@ -73,4 +73,19 @@ def test_resuming_from_a_checkpoint_applies_each_step_once(redis_client, redis_u
         with got.view() as a, clean.view() as b:
             for f in FIELDS:
                 np.testing.assert_array_equal(getattr(a, f), getattr(b, f), err_msg=f)
-    assert store.fences("faulty") == {1: 24}
+    assert store.fences("faulty") == {0: 0, 1: 24}
+
+
+def test_a_restart_before_the_first_checkpoint_supersedes_the_whole_first_attempt(
+        redis_client, redis_url):
+    store = LossStore(redis_client)
+    train(redis_url, "clean")
+    clean = table(store, "clean")
+    train(redis_url, "early", die_at_checkpoint=1)  # dies in its first checkpoint
+    train(redis_url, "early")  # Ray starts the group again from scratch
+    m = table(store, "early")
+    assert store.fences("early") == {0: 0, 1: 0}
+    assert m.stats().consumed_records - m.stats().applied_records == CONFIG.num_samples
+    with m.view() as a, clean.view() as b:
+        for f in FIELDS:
+            np.testing.assert_array_equal(getattr(a, f), getattr(b, f), err_msg=f)
