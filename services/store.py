@@ -117,7 +117,7 @@ if ARGV[5] ~= '' and (not last or tonumber(last) < tonumber(ARGV[5])) then
   return redis.error_reply('LOST ' .. (last or '-1'))
 end
 local i = redis.call('HINCRBY', KEYS[1], 'entries', 1)
-if ARGV[6] == '' then
+if ARGV[6] == nil or ARGV[6] == '' then
   redis.call('XADD', KEYS[3], '*', 'r', ARGV[1], 's', ARGV[2], 'i', i, 'd', ARGV[3])
 else
   redis.call('XADD', KEYS[3], '*', 'r', ARGV[1], 's', ARGV[2], 'i', i, 'd', ARGV[3],
