@@ -284,8 +284,8 @@ def healthz_while_stalled(server: EmbeddedRedis, url: str, stall_s: float) -> di
 def run(quick: bool, out: Path) -> dict[str, Any]:
     import ray
 
-    sizes = dict(workers=2, num_samples=2000 if quick else 6000, width=16, batch_size=128,
-                 epochs=3 if quick else 4, progress=False, plans="service")
+    sizes = dict(workers=2, num_samples=4000 if quick else 8000, width=32 if quick else 48,
+                 batch_size=128, epochs=4 if quick else 5, progress=False, plans="service")
     scenarios = ["worker_kill"] if quick else list(FAULTS)
     work = out / "faults-work"
     work.mkdir(parents=True, exist_ok=True)
