@@ -73,6 +73,14 @@ log = logging.getLogger(__name__)
 __all__ = ["DeliveryReport", "LossReporter", "ReporterError", "read_spill"]
 
 _TRANSIENT = (redis.ConnectionError, redis.TimeoutError, OSError)
+# Replies of a Redis that will take writes again soon: out of memory (a script's write is
+# refused with this inside a script error), a replica, loading its file, a busy script.
+_TRANSIENT_REPLIES = ("OOM ", "READONLY ", "LOADING ", "BUSY ", "TRYAGAIN ")
+
+
+def _transient(e: Exception) -> bool:
+    return isinstance(e, _TRANSIENT) or (
+        isinstance(e, redis.ResponseError) and any(r in str(e) for r in _TRANSIENT_REPLIES))
 
 
 class ReporterError(RuntimeError):
@@ -315,8 +323,8 @@ class LossReporter:
                 if self.num_samples is None:
                     raise
                 self._store.register_run(self.run, self.num_samples, self.ema_decay)
-            except (redis.ConnectionError, redis.TimeoutError):
-                if time.monotonic() > deadline:
+            except redis.RedisError as e:
+                if not _transient(e) or time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)
 
@@ -632,11 +640,6 @@ class LossReporter:
                 if batch is not None:
                     batch.attempts -= 1  # not sent: the next try is its first
                 self._queue_lost_batches(e.last)
-            except _TRANSIENT as e:
-                with self._cond:
-                    self._error = f"{type(e).__name__}: {e}"
-                    self._cond.wait(backoff)
-                backoff = min(backoff * 2, 1.0)
             except UnknownRunError as e:
                 if self.num_samples is not None:
                     # Registered before, gone now (Redis lost its data): register again, and
@@ -648,7 +651,14 @@ class LossReporter:
             except (StoreError, ReporterError, SpillError) as e:
                 self._set_fatal(e)
                 return
-            except Exception as e:  # a bug must stop delivery loudly, not kill it silently
+            except Exception as e:
+                if _transient(e):
+                    with self._cond:
+                        self._error = f"{type(e).__name__}: {e}"
+                        self._cond.wait(backoff)
+                    backoff = min(backoff * 2, 1.0)
+                    continue
+                # A bug must stop delivery loudly, not kill it silently.
                 log.exception("loss reporter %s/%d: unexpected error", self.run, self.rank)
                 self._set_fatal(e)
                 return
