@@ -2,7 +2,7 @@
 
 Four scenarios, each a 2-worker `hardbatch.launch` run with its own Redis (append-only file)
 and its own `hardbatch serve` process, with one fault injected from a thread once the first
-checkpoint exists:
+checkpoint is complete:
 
 - `redis_restart`: Redis SIGKILLed, restarted on the same port from its file 1 s later;
 - `worker_kill`: one Ray Train worker SIGKILLed (the group restarts from its last checkpoint);
@@ -131,7 +131,7 @@ FAULTS: dict[str, Callable[[EmbeddedRedis, Service], None]] = {
 
 
 def scenario(name: str, sizes: dict[str, Any], work: Path) -> dict[str, Any]:
-    """One 2-worker run with fault `name` injected once its first checkpoint exists."""
+    """One 2-worker run with fault `name` injected once its first checkpoint is complete."""
     storage = work / "ray"
     job = JobConfig(**sizes, run=f"faults-{name}", storage=str(storage), max_failures=3)
     expected = (job.epochs * job.workers * job.batch_size
@@ -156,7 +156,8 @@ def scenario(name: str, sizes: dict[str, Any], work: Path) -> dict[str, Any]:
         t0 = time.monotonic()
         runner.start()
         try:
-            while runner.is_alive() and not list(storage.glob(f"{job.run}/checkpoint_*")):
+            # The second checkpoint's folder means every rank finished reporting the first.
+            while runner.is_alive() and len(list(storage.glob(f"{job.run}/checkpoint_*"))) < 2:
                 time.sleep(0.05)
             if runner.is_alive():
                 FAULTS[name](server, service)
