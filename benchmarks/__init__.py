@@ -21,6 +21,7 @@ BENCHMARKS: dict[str, str] = {
     "store-memory": "benchmarks.store_memory",
     "plan": "benchmarks.plan",
     "lookup-load": "benchmarks.lookup_load",
+    "faults": "benchmarks.faults",
 }
 
 

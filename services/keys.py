@@ -11,6 +11,7 @@ All keys of a run share the hash tag `{RUN}`, so a run lives on one cluster slot
 | `hb:{RUN}:log`                               | stream | one entry per packed batch             |
 | `hb:{RUN}:snap:{GEN}:{FIELD}:{K}`            | string | chunk K of one table field             |
 | `hb:{RUN}:snapgens`                          | set    | snapshot generations with chunks      |
+| `hb:{RUN}:fences`                            | hash   | attempt -> step it resumed after       |
 | `hb:{RUN}:plan_config`                       | hash   | the run's plan config                 |
 | `hb:{RUN}:round:{INC}:{WORLD}:{ROUND}`       | string | one composed round                     |
 | `hb:{RUN}:rounds`                            | zset   | round keys of the run, by round number |
@@ -36,6 +37,10 @@ def seq(run: str) -> str:
 
 def log(run: str) -> str:
     return f"{_run(run)}:log"
+
+
+def fences(run: str) -> str:
+    return f"{_run(run)}:fences"
 
 
 def snapgens(run: str) -> str:

@@ -38,12 +38,16 @@ from typing import Any
 import numpy as np
 import redis
 from hardbatch.sampler.hardness import FIELDS, HardnessTable, split_valid
-from hardbatch.sampler.records import unpack_many
+from hardbatch.sampler.records import RECORD_SIZE, unpack_many
 from hardbatch.services.store import CONSUMER_FIELDS, LogEntry, LossStore, Snapshot, StoreError
 
 log = logging.getLogger(__name__)
 
 APPLY_SLICE = 1 << 17  # records applied per lock hold (~10-30 ms)
+MAX_CANDIDATES = 3  # table copies kept at epoch starts until a checkpoint confirms one
+
+# A copy of the table: its arrays, the stream id it stands at, its consumer counters.
+_Copy = tuple[dict[str, np.ndarray], str, dict[str, int]]
 
 
 @dataclass(frozen=True)
@@ -109,7 +113,15 @@ class Materializer:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._unpublished = False
-        self.reloads = 0  # times the table was rebuilt from a snapshot (gap or lost entries)
+        self.reloads = 0  # times the table was rebuilt from a snapshot (gap, lost entries, resume)
+        # Exactly once across restarts from checkpoints (docs/store.md, "Attempts"):
+        self._fences: dict[int, int] = {}  # attempt -> checkpoint step it resumed from
+        self._attempt_max: dict[int, int] = {}  # attempt -> highest live step applied since reload
+        # Copies of the table at epoch starts (candidates) and the newest one a checkpoint
+        # marker has confirmed (safe): what snapshot() writes while the live table is not final.
+        self._candidates: list[_Copy] = []
+        self._safe: _Copy | None = None
+        self._max_epoch = -1
         self._reload(store.load_snapshot(run))
 
     # -- reading ---------------------------------------------------------------------------
@@ -137,6 +149,9 @@ class Materializer:
     # -- applying --------------------------------------------------------------------------
 
     def _reload(self, snap: Snapshot | None) -> None:
+        self._fences = self.store.fences(self.run)
+        self._attempt_max = {}  # a snapshot holds final records only: none can be superseded
+        self._safe, self._candidates, self._max_epoch = None, [], -1
         with self.lock:
             if snap is None:
                 for f in FIELDS:
@@ -205,12 +220,94 @@ class Materializer:
                     f"run {self.run}: log entry {e.id} has index {e.index}, "
                     f"expected {expected + j}"
                 )
+        total, group_epoch = 0, -1
+        group: list[LogEntry] = []
+        for e in entries:
+            if e.kind:
+                total += self._apply_data(group)
+                group, group_epoch = [], -1
+                if self._apply_marker(e):
+                    self.publish_pending()
+                    return total  # rebuilt from the snapshot: the next poll replays from there
+                continue
+            if e.attempt is not None:
+                epoch = self._entry_top_epoch(e)
+                if epoch > max(group_epoch, self._max_epoch):
+                    # A new epoch starts: its checkpoint is the next a marker may confirm, so
+                    # the state before it is one a snapshot may later write.
+                    total += self._apply_data(group)
+                    group, group_epoch = [], -1
+                    self._keep_candidate()
+                    self._max_epoch = epoch
+                group_epoch = max(group_epoch, epoch)
+            group.append(e)
+        total += self._apply_data(group)
+        self.publish_pending()
+        return total
+
+    def _entry_top_epoch(self, e: LogEntry) -> int:
+        records = unpack_many([e.payload])
+        live = records["step"] <= self._void_after(e.attempt)
+        return int(records["epoch"][live].max()) if live.any() else -1
+
+    def _void_after(self, attempt: int | None) -> int:
+        """Records of `attempt` with a step above this are superseded by a later attempt."""
+        if attempt is None:
+            return 2**32
+        return min((s for a, s in self._fences.items() if a > attempt), default=2**32)
+
+    def _apply_marker(self, e: LogEntry) -> bool:
+        """Applies a resume/checkpoint marker; True if the table had to be rebuilt."""
+        attempt = e.attempt or 0
+        if e.kind == "resume" and any(a < attempt and s > e.step
+                                      for a, s in self._attempt_max.items()):
+            # Records this attempt trains again were applied: start over from the snapshot
+            # (which holds final records only) and replay the log without the superseded ones.
+            snap = self.store.load_snapshot(self.run)
+            if snap is not None and snap.counters.get("max_step", 0) > e.step:
+                raise StoreError(
+                    f"run {self.run}: attempt {attempt} resumes after step {e.step}, but the "
+                    f"snapshot holds records up to step {snap.counters['max_step']} (a "
+                    "checkpoint was confirmed that the restart did not resume from)")
+            log.info("run %s: attempt %d resumes after step %d; rebuilding the table from "
+                     "its snapshot", self.run, attempt, e.step)
+            self._reload(snap)
+            self.reloads += 1
+            return True
+        if e.kind == "resume":
+            self._fences[attempt] = e.step
+        with self.lock:
+            c = self._counters
+            c["consumed_entries"] = e.index
+            c["confirmed_step"] = max(c["confirmed_step"], e.step)
+            self._last_id = e.id
+            self._unpublished = True
+            self._promote_candidates()
+        return False
+
+    def _apply_data(self, entries: list[LogEntry]) -> int:
+        if not entries:
+            return 0
         records = unpack_many([e.payload for e in entries])
-        ids = records["sample_id"].astype(np.int64)
-        losses = np.ascontiguousarray(records["loss"])
-        kept = records["kept"].astype(bool)
-        step = np.ascontiguousarray(records["step"])
-        round_ = np.ascontiguousarray(records["epoch"])
+        limits = np.repeat([self._void_after(e.attempt) for e in entries],
+                           [len(e.payload) // RECORD_SIZE for e in entries])
+        live = records["step"] <= limits
+        superseded = int(len(records) - live.sum())
+        for e in entries:
+            if e.attempt is not None:
+                mine = unpack_many([e.payload])["step"]
+                mine = mine[mine <= self._void_after(e.attempt)]
+                if len(mine):
+                    self._attempt_max[e.attempt] = max(self._attempt_max.get(e.attempt, 0),
+                                                       int(mine.max()))
+        tagged_steps = records["step"][live & (np.repeat(
+            [e.attempt is not None for e in entries],
+            [len(e.payload) // RECORD_SIZE for e in entries]))]
+        ids = records["sample_id"].astype(np.int64)[live]
+        losses = np.ascontiguousarray(records["loss"][live])
+        kept = records["kept"][live].astype(bool)
+        step = np.ascontiguousarray(records["step"][live])
+        round_ = np.ascontiguousarray(records["epoch"][live])
         mask, rej = split_valid(ids, losses, self.table.size)
         if mask is not None:
             ids, losses, kept, step = ids[mask], losses[mask], kept[mask], step[mask]
@@ -227,10 +324,29 @@ class Materializer:
             c["consumed_records"] += len(records)
             c["rejected_out_of_range"] += rej.out_of_range
             c["rejected_nonfinite"] += rej.nonfinite
+            c["superseded_records"] += superseded
+            if len(tagged_steps):
+                c["max_step"] = max(c["max_step"], int(tagged_steps.max()))
             self._last_id = entries[-1].id
             self._unpublished = True
-        self.publish_pending()
         return len(records)
+
+    def _keep_candidate(self) -> None:
+        """Keeps a copy of the table as it stands (a few at most: the oldest go first)."""
+        with self.lock:
+            if self._candidates and self._candidates[-1][1] == self._last_id:
+                return
+            arrays = {f: getattr(self.table, f).copy() for f in FIELDS}
+            self._candidates.append((arrays, self._last_id, dict(self._counters)))
+            del self._candidates[:-MAX_CANDIDATES]
+
+    def _promote_candidates(self) -> None:
+        """The newest kept copy that holds only confirmed steps becomes the one to snapshot."""
+        confirmed = self._counters["confirmed_step"]
+        final = [c for c in self._candidates if c[2]["max_step"] <= confirmed]
+        if final:
+            self._safe = final[-1]
+            self._candidates = [c for c in self._candidates if c[2]["max_step"] > confirmed]
 
     def publish_pending(self) -> None:
         """Publishes the consumer counters if the last publish did not happen (or failed)."""
@@ -297,11 +413,19 @@ class Materializer:
         """
         # The poll lock: never copy a table that a poll has applied part of.
         with self._poll_lock, self.lock:
-            if self._counters["consumed_entries"] == self._snap_entries:
-                return False
-            arrays = {f: getattr(self.table, f).copy() for f in FIELDS}
-            stream_id = self._last_id
-            counters = dict(self._counters)
+            c = self._counters
+            if c["max_step"] > c["confirmed_step"]:
+                # The table holds records a resume may still supersede: write the last state
+                # that held final records only (or nothing), so a rebuild can start from it.
+                if self._safe is None or self._safe[2]["consumed_entries"] <= self._snap_entries:
+                    return False
+                arrays, stream_id, counters = self._safe
+            else:
+                if c["consumed_entries"] == self._snap_entries:
+                    return False
+                arrays = {f: getattr(self.table, f).copy() for f in FIELDS}
+                stream_id = self._last_id
+                counters = dict(c)
         done = self.store.write_snapshot(
             self.run, arrays, stream_id, counters["consumed_entries"], counters
         )

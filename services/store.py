@@ -34,6 +34,7 @@ RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 # Consumer counters a materializer publishes (absolute values, so replicas agree).
 CONSUMER_FIELDS = (
     "consumed_entries", "consumed_records", "rejected_out_of_range", "rejected_nonfinite",
+    "superseded_records", "confirmed_step", "max_step",
 )
 
 
@@ -56,6 +57,12 @@ class LostBatchesError(StoreError):
     def __init__(self, message: str, last: int) -> None:
         super().__init__(message)
         self.last = last
+
+
+def _check_attempt(attempt: int) -> int:
+    if isinstance(attempt, bool) or not 0 <= int(attempt) < 2**16:
+        raise StoreError(f"attempt must be in [0, 65535], got {attempt}")
+    return int(attempt)
 
 
 def check_run_name(run: str) -> str:
@@ -85,7 +92,7 @@ redis.call('SADD', KEYS[2], ARGV[1])
 return 1
 """
 
-# KEYS: meta, seq, log. ARGV: rank, seq, payload, record_size, after.
+# KEYS: meta, seq, log. ARGV: rank, seq, payload, record_size, after, attempt.
 # Returns 1 (appended) or 0 (duplicate: this rank already delivered seq or a later one).
 # `after` (or ''): the last seq the sender knows the store acknowledged; a store whose last seq
 # for the rank is behind it lost batches (Redis restarted from an older file) and refuses the
@@ -110,9 +117,47 @@ if ARGV[5] ~= '' and (not last or tonumber(last) < tonumber(ARGV[5])) then
   return redis.error_reply('LOST ' .. (last or '-1'))
 end
 local i = redis.call('HINCRBY', KEYS[1], 'entries', 1)
-redis.call('XADD', KEYS[3], '*', 'r', ARGV[1], 's', ARGV[2], 'i', i, 'd', ARGV[3])
+if ARGV[6] == nil or ARGV[6] == '' then
+  redis.call('XADD', KEYS[3], '*', 'r', ARGV[1], 's', ARGV[2], 'i', i, 'd', ARGV[3])
+else
+  redis.call('XADD', KEYS[3], '*', 'r', ARGV[1], 's', ARGV[2], 'i', i, 'd', ARGV[3],
+    'a', ARGV[6])
+end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 redis.call('HINCRBY', KEYS[1], 'records', nbytes / rs)
+return 1
+"""
+
+# KEYS: meta, log, fences. ARGV: kind ('resume' or 'ckpt'), attempt, step.
+# A marker entry in the log (no records), so every consumer meets it at the same position.
+# resume: "attempt ARGV[2] continues from the checkpoint at step ARGV[3]": records of older
+# attempts after that step are superseded. Idempotent; a different step for a known attempt
+# is an error. ckpt: "a checkpoint at step ARGV[3] is persisted": no later resume can go back
+# past it. Idempotent (a step not above the last confirmed one appends nothing).
+_MARK = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return redis.error_reply('UNKNOWN_RUN')
+end
+local step = tonumber(ARGV[3])
+if ARGV[1] == 'resume' then
+  local cur = redis.call('HGET', KEYS[3], ARGV[2])
+  if cur then
+    if tonumber(cur) ~= step then
+      return redis.error_reply('FENCE attempt ' .. ARGV[2] .. ' already resumed after step ' .. cur)
+    end
+    return 0
+  end
+  redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
+else
+  local last = tonumber(redis.call('HGET', KEYS[1], 'checkpoint_step') or '-1')
+  if step <= last then
+    return 0
+  end
+  redis.call('HSET', KEYS[1], 'checkpoint_step', ARGV[3])
+end
+local i = redis.call('HINCRBY', KEYS[1], 'entries', 1)
+redis.call('XADD', KEYS[2], '*', 'r', 0, 's', 0, 'i', i, 'd', '', 'k', ARGV[1], 'a', ARGV[2],
+  't', ARGV[3])
 return 1
 """
 
@@ -217,13 +262,20 @@ class RunInfo:
 
 @dataclass(frozen=True)
 class LogEntry:
-    """One batch from the log: stream id, sender rank and seq, dense index, packed payload."""
+    """One entry of the log: stream id, sender rank and seq, dense index, packed payload.
+
+    `attempt` tags the batches of a training attempt (None: untagged). A marker entry (no
+    records) has `kind` 'resume' or 'ckpt' and the checkpoint `step` it is about.
+    """
 
     id: str
     rank: int
     seq: int
     index: int
     payload: bytes
+    attempt: int | None = None
+    kind: str = ""
+    step: int = 0
 
 
 @dataclass(frozen=True)
@@ -263,6 +315,7 @@ class LossStore:
         self._commit = client.register_script(_COMMIT_SNAPSHOT)
         self._hset_if_run = client.register_script(_HSET_IF_RUN)
         self._next_gen = client.register_script(_NEXT_GEN)
+        self._mark = client.register_script(_MARK)
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> LossStore:
@@ -375,7 +428,7 @@ class LossStore:
         return None if v is None else int(_s(v))
 
     def ingest(self, run: str, rank: int, seq: int, payload: bytes,
-               after: int | None = None) -> bool:
+               after: int | None = None, attempt: int | None = None) -> bool:
         """Appends one packed batch unless `(run, rank, seq)` was already delivered.
 
         A rank must deliver its batches in increasing `seq` order: a batch whose seq is not
@@ -384,6 +437,8 @@ class LossStore:
         Args:
             after: the last seq the store acknowledged to this sender, if it wants to know
                 when the store lost batches since (LostBatchesError instead of appending).
+            attempt: the training attempt that scored these records (0, 1, ... for a
+                Ray Train run restarted from checkpoints; see `resume`), or None.
 
         Returns:
             True if appended, False if it was a duplicate (already applied: not an error).
@@ -402,7 +457,8 @@ class LossStore:
             appended = self._ingest(
                 keys=[keys.meta(run), keys.seq(run), keys.log(run)],
                 args=[int(rank), int(seq), payload, RECORD_SIZE,
-                      "" if after is None else int(after)],
+                      "" if after is None else int(after),
+                      "" if attempt is None else _check_attempt(attempt)],
             )
         except redis.ResponseError as e:
             msg = str(e)
@@ -419,9 +475,57 @@ class LossStore:
             raise
         return bool(appended)
 
-    def ingest_records(self, run: str, rank: int, seq: int, records: np.ndarray) -> bool:
+    def ingest_records(self, run: str, rank: int, seq: int, records: np.ndarray,
+                       attempt: int | None = None) -> bool:
         """`ingest` for a RECORD_DTYPE array."""
-        return self.ingest(run, rank, seq, to_bytes(records))
+        return self.ingest(run, rank, seq, to_bytes(records), attempt=attempt)
+
+    # -- attempts: exactly once across restarts from checkpoints ----------------------------
+
+    def new_attempt(self, run: str) -> int:
+        """A number for a training attempt that is about to start (0, 1, 2, ...): greater than
+        every number handed out before for the run, so a group that restarts from the same
+        checkpoint twice still gets a new one. One rank asks and shares it with the others."""
+        self._meta(run)
+        return int(self.client.hincrby(keys.meta(run), "attempts", 1)) - 1
+
+    def resume(self, run: str, attempt: int, step: int) -> bool:
+        """Says that training attempt `attempt` continues from the checkpoint at `step`.
+
+        Records of older attempts with a step above `step` are superseded (the new attempt
+        trains those steps again): consumers drop them, and rebuild a table that already
+        applied some. Idempotent: every rank of the attempt may call it.
+
+        Returns:
+            True if this call appended the marker, False if it was already there.
+
+        Raises:
+            StoreError: the attempt was already said to resume from another step.
+        """
+        return self._mark_entry(run, "resume", attempt, step)
+
+    def checkpointed(self, run: str, attempt: int, step: int) -> bool:
+        """Says that a checkpoint at `step` is persisted: no attempt will resume before it,
+        so records up to `step` are final and consumers may snapshot them. Idempotent."""
+        return self._mark_entry(run, "ckpt", attempt, step)
+
+    def _mark_entry(self, run: str, kind: str, attempt: int, step: int) -> bool:
+        check_run_name(run)
+        if isinstance(step, bool) or not 0 <= int(step) < 2**32:
+            raise StoreError(f"step must be in [0, 2**32), got {step}")
+        try:
+            return bool(self._run_script(
+                self._mark, run, [keys.meta(run), keys.log(run), keys.fences(run)],
+                [kind, _check_attempt(attempt), int(step)]))
+        except redis.ResponseError as e:
+            if "FENCE" in str(e):
+                raise StoreError(str(e)) from None
+            raise
+
+    def fences(self, run: str) -> dict[int, int]:
+        """attempt -> the checkpoint step it resumed from, for every resumed attempt."""
+        raw: Any = self.client.hgetall(keys.fences(check_run_name(run)))
+        return {int(_s(k)): int(_s(v)) for k, v in raw.items()}
 
     # -- the log ---------------------------------------------------------------------------
 
@@ -450,7 +554,9 @@ class LossStore:
         for stream, items in resp or []:
             out[by_key[_s(stream)]] = [
                 LogEntry(id=_s(eid), rank=int(f[b"r"]), seq=int(f[b"s"]), index=int(f[b"i"]),
-                         payload=f[b"d"])
+                         payload=f[b"d"],
+                         attempt=int(f[b"a"]) if b"a" in f else None,
+                         kind=_s(f.get(b"k", b"")), step=int(f.get(b"t", 0)))
                 for eid, f in items
             ]
         return out
@@ -605,6 +711,6 @@ class LossStore:
         table = HardnessTable.from_arrays(
             arrays, float(meta["ema_decay"]),
             applied=counters["consumed_records"] - counters["rejected_out_of_range"]
-            - counters["rejected_nonfinite"],
+            - counters["rejected_nonfinite"] - counters["superseded_records"],
         )
         return True, Snapshot(table, meta["snap_id"], int(meta["snap_entries"]), counters)

@@ -73,6 +73,14 @@ log = logging.getLogger(__name__)
 __all__ = ["DeliveryReport", "LossReporter", "ReporterError", "read_spill"]
 
 _TRANSIENT = (redis.ConnectionError, redis.TimeoutError, OSError)
+# Replies of a Redis that will take writes again soon: out of memory (a script's write is
+# refused with this inside a script error), a replica, loading its file, a busy script.
+_TRANSIENT_REPLIES = ("OOM ", "READONLY ", "LOADING ", "BUSY ", "TRYAGAIN ")
+
+
+def _transient(e: Exception) -> bool:
+    return isinstance(e, _TRANSIENT) or (
+        isinstance(e, redis.ResponseError) and any(r in str(e) for r in _TRANSIENT_REPLIES))
 
 
 class ReporterError(RuntimeError):
@@ -209,6 +217,9 @@ class LossReporter:
         self._recent: deque[_Batch] = deque()  # delivered, kept for replay_window_s
         self._replay: deque[_Batch] = deque()  # to resend before anything else
         self._acked: int | None = None  # the last seq the store acknowledged
+        # The training attempt that scores the records (a Ray Train restart from a checkpoint
+        # starts a new one; LossStore.resume): set before the first report of the attempt.
+        self.attempt: int | None = None
 
         self._cond = threading.Condition()
         self._mem: deque[_Item] = deque()
@@ -281,6 +292,41 @@ class LossReporter:
             # a full batch. Waking it on every report would hand it the GIL every step.
             if was_empty or self._mem_records >= self.max_batch_records:
                 self._cond.notify_all()
+
+    def new_attempt(self, timeout_s: float = 60.0) -> int:
+        """A new attempt number from the store (`LossStore.new_attempt`)."""
+        box: list[int] = []
+        self._mark(lambda run, _a, _s: box.append(self._store.new_attempt(run)), 0, 0, timeout_s)
+        return box[0]
+
+    def resume(self, attempt: int, step: int, timeout_s: float = 60.0) -> None:
+        """Tags this reporter's records with `attempt` and tells the store that it continues
+        from the checkpoint at `step` (`LossStore.resume`; retried while Redis is down)."""
+        self.attempt = int(attempt)
+        self._mark(self._store.resume, attempt, step, timeout_s)
+
+    def checkpointed(self, attempt: int, step: int) -> None:
+        """Tells the store that a checkpoint at `step` is persisted (best effort: a missed one
+        only delays the table's next snapshot)."""
+        try:
+            self._mark(self._store.checkpointed, attempt, step, 5.0)
+        except (redis.RedisError, TimeoutError) as e:
+            log.warning("run %s: checkpoint marker at step %d not written: %s", self.run, step, e)
+
+    def _mark(self, call: Any, attempt: int, step: int, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                call(self.run, attempt, step)
+                return
+            except UnknownRunError:
+                if self.num_samples is None:
+                    raise
+                self._store.register_run(self.run, self.num_samples, self.ema_decay)
+            except redis.RedisError as e:
+                if not _transient(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
 
     def flush(self, timeout_s: float | None = 30.0) -> DeliveryReport:
         """Waits until everything reported so far is delivered, or `timeout_s` passes."""
@@ -577,7 +623,8 @@ class LossReporter:
                 batch.attempts += 1
                 replay = bool(self._replay) and batch is self._replay[0]
                 appended = self._store.ingest(self.run, self.rank, batch.seq, batch.payload,
-                                              after=None if replay else self._acked)
+                                              after=None if replay else self._acked,
+                                              attempt=self.attempt)
                 if (not appended and batch.attempts == 1 and batch.seq >= self._first_seq
                         and not replay):
                     # Our own batch, never sent before, yet the store has a later one from
@@ -593,11 +640,6 @@ class LossReporter:
                 if batch is not None:
                     batch.attempts -= 1  # not sent: the next try is its first
                 self._queue_lost_batches(e.last)
-            except _TRANSIENT as e:
-                with self._cond:
-                    self._error = f"{type(e).__name__}: {e}"
-                    self._cond.wait(backoff)
-                backoff = min(backoff * 2, 1.0)
             except UnknownRunError as e:
                 if self.num_samples is not None:
                     # Registered before, gone now (Redis lost its data): register again, and
@@ -609,7 +651,14 @@ class LossReporter:
             except (StoreError, ReporterError, SpillError) as e:
                 self._set_fatal(e)
                 return
-            except Exception as e:  # a bug must stop delivery loudly, not kill it silently
+            except Exception as e:
+                if _transient(e):
+                    with self._cond:
+                        self._error = f"{type(e).__name__}: {e}"
+                        self._cond.wait(backoff)
+                    backoff = min(backoff * 2, 1.0)
+                    continue
+                # A bug must stop delivery loudly, not kill it silently.
                 log.exception("loss reporter %s/%d: unexpected error", self.run, self.rank)
                 self._set_fatal(e)
                 return

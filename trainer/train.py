@@ -293,6 +293,17 @@ def _train(config: TrainConfig, task: Task, model: torch.nn.Module, hb: Worker, 
             scaler.load_state_dict(rt.resume["scaler"])
         result = RunResult(**rt.resume["result"])
         result.config.setdefault("resumed_at_epochs", []).append(first_epoch)
+    # Exactly once across restarts (docs/store.md, "Attempts"): a checkpointing run tags its
+    # records with a new attempt number (rank 0 asks the store, every rank gets it), and says
+    # which step it starts after: records of older attempts past that step are superseded
+    # (all of them when a group restarts before its first checkpoint).
+    marks = hb.reporter if rt.on_epoch_end is not None else None
+    attempt = 0
+    if marks is not None and hasattr(marks, "resume"):
+        mine = marks.new_attempt() if hb.rank == 0 else 0
+        attempt = round(hb.all_reduce([float(mine)])[0])
+        marks.resume(attempt, hb.step)
+    confirmed = hb.step
     for epoch in range(first_epoch, config.epochs):
         epoch_start = result.train_time_s
         batches = hb.batches(epoch)
@@ -328,10 +339,21 @@ def _train(config: TrainConfig, task: Task, model: torch.nn.Module, hb: Worker, 
             "train_time_s": result.train_time_s,
         })
         if rt.on_epoch_end is not None:
+            if marks is not None and hasattr(marks, "flush"):
+                # The records up to the checkpoint reach the store before it exists: a worker
+                # killed after it must not take them along (bounded: Redis may be down).
+                marks.flush(10.0)
             rt.on_epoch_end({
                 "model": getattr(model, "module", model).state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "epoch": epoch + 1, "result": asdict(result), "hardbatch": hb.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
             })
+            if marks is not None and hasattr(marks, "checkpointed"):
+                # The checkpoint before this one: by now Ray has registered it, so no restart
+                # resumes before it (this one may still be in flight when a worker dies).
+                marks.checkpointed(attempt, confirmed)
+                confirmed = hb.step
+    if marks is not None and hasattr(marks, "checkpointed"):
+        marks.checkpointed(attempt, hb.step)  # finished: nothing will train these steps again
     return result

@@ -14,6 +14,7 @@ import pytest
 from hardbatch.trainer.distributed import JobConfig
 from hardbatch.trainer.driver import ray_init
 from hardbatch.trainer.launch import JobResult, launch
+from hardbatch.trainer.plan_source import batches_per_round
 
 pytestmark = pytest.mark.slow
 
@@ -77,6 +78,13 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_cluster, redis_url
     assert isinstance(done, JobResult)
     assert [e["epoch"] for e in done.result.epochs] == [1, 2, 3, 4, 5, 6]
     assert done.result.config.get("resumed_at_epochs"), "the run restarted from scratch"
+    # Exactly once: the table holds each record of the steps that were trained, once; the
+    # superseded attempt's records past its last checkpoint are in the log but not applied.
+    trained = 6 * 2 * 128 * batches_per_round(8000, 2, 128, job.plan_fraction)
+    info = done.info
+    assert info["applied_records"] == trained, info
+    assert info["lag_records"] == 0 and info["rejected_records"] == 0, info
+    assert info["records"] >= trained, info
 
 
 def test_bad_jobs_are_refused_before_anything_starts(tmp_path):

@@ -429,3 +429,26 @@ def test_deleting_a_run_removes_its_spill_files(spill_dir: Path, redis_url: str,
     assert r.exit_code == 0, r.output
     assert "1 spill files" in r.output and not list(spill_dir.rglob("*.spill"))
     assert LossStore(redis_client).runs() == []
+
+
+def test_redis_out_of_memory_for_a_while_delays_delivery_but_loses_nothing():
+    with EmbeddedRedis(tcp=True) as server:
+        store = LossStore.from_url(server.url)
+        store.register_run("oom", 1000)
+        store.client.config_set("maxmemory-policy", "noeviction")
+        rep = LossReporter(server.url, "oom", 0, linger_s=0.0)
+        try:
+            ids = np.arange(100)
+            rep.report(ids, np.ones(100, np.float32), np.ones(100, bool), 1, 0)
+            assert rep.flush(10).ok
+            store.client.config_set("maxmemory", 1)
+            rep.report(ids, np.ones(100, np.float32), np.ones(100, bool), 2, 0)
+            time.sleep(1.0)  # the ingest script's write is refused with OOM meanwhile
+            assert "OOM" in (rep.flush(0.1).error or "")
+            store.client.config_set("maxmemory", 0)
+            rep.report(ids, np.ones(100, np.float32), np.ones(100, bool), 3, 0)
+            report = rep.flush(10)
+        finally:
+            rep.close(10)
+        assert report.ok and report.pending_records == 0, report
+        assert store.run_info("oom").records == 300

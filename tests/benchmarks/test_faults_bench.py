@@ -1,0 +1,27 @@
+"""`hardbatch bench faults --quick`: a worker killed mid-run on 2 Ray workers, then 30 runs
+behind one service and /healthz with Redis stopped; writes the keys issue 12's bars read."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import run_benchmark
+
+pytestmark = pytest.mark.slow
+
+
+def test_quick_faults_bench_applies_every_record_once(tmp_path):
+    r = run_benchmark("faults", quick=True, out=tmp_path)
+    assert json.loads((tmp_path / "faults.json").read_text())["quick"] is True
+    kill = r["worker_kill"]
+    assert set(kill) >= {"finished", "records_expected", "records_applied", "final_accuracy"}
+    assert kill["finished"], kill
+    assert kill["resumed_at_epochs"], "the group did not resume from a checkpoint"
+    assert kill["superseded_records"] > 0, "nothing was trained twice: the fault came too late"
+    assert kill["records_applied"] == kill["records_expected"], kill
+    assert 0.0 <= kill["final_accuracy"] <= 1.0
+    assert r["many_runs"]["requests"] == 200
+    assert r["many_runs_5xx"] == 0, r["many_runs"]
+    assert r["healthz_p99_ms_redis_stalled"] < 50, r["healthz_redis_stalled"]
