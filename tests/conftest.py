@@ -7,11 +7,22 @@ it with the database flushed first. Tests that must kill and restart a server st
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
 import redis
 from hardbatch.services.redis_server import EmbeddedRedis
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_spill_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Spill files of this session (and of the Ray workers it starts) in a folder of its own:
+    a reporter adopts leftover files of its run name, so an earlier, killed session's must not
+    reach this one's runs."""
+    os.environ["HARDBATCH_SPILL_DIR"] = str(tmp_path_factory.mktemp("spill"))
+    yield
+    os.environ.pop("HARDBATCH_SPILL_DIR", None)
 
 
 @pytest.fixture(scope="session")

@@ -31,6 +31,7 @@ again, in order, before it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -361,6 +362,9 @@ class LossReporter:
                 self._persist_all()
             else:
                 self._spill.path.unlink(missing_ok=True)
+                # One empty folder per finished run would pile up in the spill root.
+                with contextlib.suppress(OSError):
+                    self._spill.path.parent.rmdir()
             rep = self._report()
         self._store.client.close()
         return rep

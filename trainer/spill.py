@@ -8,10 +8,10 @@ appended in seq order. A torn last frame (the process died while writing it) was
 acknowledged to anyone and is dropped on reading.
 
 Files live in a private folder per user and run, `<root>/<run>/r<rank>-<first seq>.spill`:
-the root defaults to `hardbatch-spill-<uid>` in the system temp folder, created 0700 and
-refused if another user owns it (a shared temp folder must not let one user plant or read
-another's records). One folder per run keeps runs apart (run names may contain `-`, so a file
-name prefix could not), and lets `remove_run_spills` clean up a deleted run.
+the root is $HARDBATCH_SPILL_DIR, else `hardbatch-spill-<uid>` in the system temp folder,
+created 0700 and refused if another user owns it (a shared temp folder must not let one user
+plant or read another's records). One folder per run keeps runs apart (run names may contain
+`-`, so a file name prefix could not), and lets `remove_run_spills` clean up a deleted run.
 
 Example:
     >>> folder = spill_folder(None, "demo")                      # doctest: +SKIP
@@ -46,7 +46,13 @@ class SpillFull(SpillError):
     """Appending would pass the file's byte cap."""
 
 
+ENV_DIR = "HARDBATCH_SPILL_DIR"
+
+
 def default_root() -> Path:
+    """$HARDBATCH_SPILL_DIR, else a per-user folder in the system temp folder."""
+    if os.environ.get(ENV_DIR):
+        return Path(os.environ[ENV_DIR])
     return Path(tempfile.gettempdir()) / f"hardbatch-spill-{os.getuid()}"
 
 

@@ -19,7 +19,7 @@ from hardbatch.services.materializer import Materializer
 from hardbatch.services.redis_server import EmbeddedRedis
 from hardbatch.services.store import LossStore
 from hardbatch.trainer.reporter import LossReporter, ReporterError
-from hardbatch.trainer.spill import read_spill
+from hardbatch.trainer.spill import read_spill, spill_folder
 from hardbatch.trainer.train import TrainConfig, fit
 
 
@@ -94,7 +94,7 @@ def test_delivers_everything_once(redis_client: redis.Redis, redis_url: str,
     assert m.table.equals(reference_table(rec.batches, 1000))
     info = LossStore(redis_client).run_info("r")
     assert info.records == 50 * 64 and list(info.ranks) == [2]
-    assert not list(spill_dir.rglob("*.spill"))
+    assert not list(spill_dir.iterdir()), "a clean close leaves not even the run's folder"
 
 
 def test_report_never_waits_for_a_slow_or_dead_redis(spill_dir: Path) -> None:
@@ -431,12 +431,18 @@ def test_deleting_a_run_removes_its_spill_files(spill_dir: Path, redis_url: str,
     assert LossStore(redis_client).runs() == []
 
 
-def test_redis_out_of_memory_for_a_while_delays_delivery_but_loses_nothing():
+def test_spill_root_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("HARDBATCH_SPILL_DIR", str(tmp_path / "mine"))
+    assert spill_folder(None, "run-a") == tmp_path / "mine" / "run-a"
+    assert (tmp_path / "mine").stat().st_mode & 0o777 == 0o700
+
+
+def test_redis_out_of_memory_for_a_while_delays_delivery_but_loses_nothing(spill_dir: Path):
     with EmbeddedRedis(tcp=True) as server:
         store = LossStore.from_url(server.url)
         store.register_run("oom", 1000)
         store.client.config_set("maxmemory-policy", "noeviction")
-        rep = LossReporter(server.url, "oom", 0, linger_s=0.0)
+        rep = LossReporter(server.url, "oom", 0, linger_s=0.0, spill_dir=spill_dir)
         try:
             ids = np.arange(100)
             rep.report(ids, np.ones(100, np.float32), np.ones(100, bool), 1, 0)
