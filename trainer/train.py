@@ -1,7 +1,8 @@
 """The built-in training loop, written on the public worker API (`Worker`).
 
 Per batch: score it (forward without grad), keep the examples the loss-share filter picks,
-and take one optimizer step on those. With the filter off the loop trains on the whole batch.
+and take one optimizer step on those. With the filter off, and on the steps where the
+`Worker`'s cost model finds scoring does not pay, the loop trains on the whole batch.
 Either way there is exactly one optimizer step per batch, so LR schedules keep their shape.
 The same loop runs in one process (`hardbatch train --local`) and as a Ray Train rank
 (`hardbatch.trainer.distributed`).
@@ -57,6 +58,7 @@ class TrainConfig:
         "help": "Clip the gradient norm to this before each step (0: no clipping)."})
     seed: int = field(default=0, metadata={"help": "Seed for init and data order."})
     filter: bool = _as_in_worker_config("filter")
+    cost_model: bool = _as_in_worker_config("cost_model")
     min_loss_perc: float = _as_in_worker_config("min_loss_perc")
     min_samples_perc: float = _as_in_worker_config("min_samples_perc")
     score_precision: str = _as_in_worker_config("score_precision")
@@ -98,7 +100,8 @@ class TrainConfig:
 
     def worker_config(self, **overrides: Any) -> WorkerConfig:
         """The filter settings of this run as a `WorkerConfig` (plus `overrides`)."""
-        return WorkerConfig(seed=self.seed, filter=self.filter, min_loss_perc=self.min_loss_perc,
+        return WorkerConfig(seed=self.seed, filter=self.filter, cost_model=self.cost_model,
+                            min_loss_perc=self.min_loss_perc,
                             min_samples_perc=self.min_samples_perc,
                             score_precision=self.score_precision, **overrides)
 
@@ -335,6 +338,7 @@ def _train(config: TrainConfig, task: Task, model: torch.nn.Module, hb: Worker, 
             "epoch": epoch + 1, "train_loss": stats["train_loss"],
             "val_loss": last["val_loss"], "val_accuracy": last["val_accuracy"],
             "samp_perc": stats["samp_perc"], "loss_perc": stats["loss_perc"],
+            "filter_steps": stats["filter_steps"], "cost_switches": stats["cost_switches"],
             "epoch_time_s": result.train_time_s - epoch_start,
             "train_time_s": result.train_time_s,
         })

@@ -13,6 +13,11 @@ count (and whether a rank's filter refused its batch) before anyone's training f
 ranks that keep more weigh more (design.md §6) and a NaN raises on every rank at the same step
 instead of leaving the others in a collective; `loss` divides by that global count, applies
 importance weights when plans carry them, and reports every scored loss to the store.
+
+With `cost_model` on (the default) `select` also times the steps (from one call to the next)
+and runs some of them in full, without the scoring forward, where the filter would keep so
+much of the batch that scoring costs more than it saves (`hardbatch.trainer.step_costs`); the
+loop does not change. On a full step `loss` reports the training forward's losses.
 """
 
 from __future__ import annotations
@@ -23,14 +28,17 @@ import logging
 import math
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 import torch
-from hardbatch.sampler.filter import per_sample, select
+from hardbatch.sampler.cost_model import Mode
+from hardbatch.sampler.filter import Selection, per_sample, select
 from hardbatch.trainer.plan_source import Round, RoundPlans
+from hardbatch.trainer.step_costs import StepCosts
 from hardbatch.trainer.task import IdCollate, IdDataset
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
@@ -66,6 +74,11 @@ class WorkerConfig:
     seed: int = field(default=0, metadata={"help": "Seed of the local shuffle."})
     filter: bool = field(default=True, metadata={
         "help": "Train only on the examples carrying min_loss_perc of each batch's loss."})
+    cost_model: bool = field(default=True, metadata={
+        "help": "Turn the filter off on the steps where its scoring forward does not pay "
+                "(early epochs, flat losses: it keeps most of the batch) and back on when it "
+                "does, from measured step times; off: the filter runs every step (a "
+                "deterministic schedule)."})
     min_loss_perc: float = field(default=0.9, metadata={
         "help": "Share of the batch loss the kept examples must carry."})
     min_samples_perc: float = field(default=0.0, metadata={
@@ -86,6 +99,8 @@ class WorkerConfig:
             raise ValueError(f"rounds must be >= 1, got {self.rounds}")
         if self.nonfinite not in ("raise", "keep"):
             raise ValueError(f"nonfinite must be raise or keep, got {self.nonfinite!r}")
+        if not isinstance(self.cost_model, bool):
+            raise ValueError(f"cost_model must be true or false, got {self.cost_model!r}")
         if self.score_precision not in SCORE_PRECISIONS:
             raise ValueError(f"score_precision must be fp32, bf16 or auto, got "
                              f"{self.score_precision!r}")
@@ -216,7 +231,12 @@ class Worker:
         self.loader = DataLoader(IdDataset(dataset), batch_size=batch_size, sampler=self.sampler,
                                  collate_fn=collate, **loader_kwargs)
         self._pending: _Selection | None = None
-        self._stats = np.zeros(5)  # scored loss sum, scored, kept, loss-share sum, steps
+        # scored loss sum, scored, kept, loss-share sum, steps, filtered steps
+        self._stats = np.zeros(6)
+        # The cost model turns the filter off on the steps where it does not pay (with the
+        # filter off there is nothing to decide).
+        self._costs = StepCosts() if cfg.filter and cfg.cost_model else None
+        self._switches_before = 0  # the cost model's switches at the last summary
 
     # -- batches -----------------------------------------------------------------------------
 
@@ -247,8 +267,9 @@ class Worker:
                 without grad and, where fast, under bf16 autocast), or those losses.
 
         Returns:
-            Indices into the batch's first dimension, on the losses' device (`slice(None)`,
-            the whole batch, with the filter off: then nothing is scored here).
+            Indices into the batch's first dimension, on the losses' device, or `slice(None)`,
+            the whole batch, with nothing scored here: with the filter off, and on the steps
+            the cost model finds a full step cheaper (`WorkerConfig.cost_model`).
 
         Raises:
             ValueError: a NaN/inf loss on any rank (with `nonfinite="raise"`): every rank
@@ -256,10 +277,19 @@ class Worker:
         """
         n = len(ids)
         w = self._weights(ids)
-        if not self.config.filter:
-            count, _ = self.all_reduce([float(n) if w is None else float(w.sum()), 0.0])
+        costs = self._costs
+        if costs is not None and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the last step's kernels end in its time
+        mode = (costs.begin(self.epoch) if costs is not None
+                else Mode.FILTER if self.config.filter else Mode.FULL)
+        measured = costs.pending() if costs is not None else []
+        if mode is Mode.FULL:
+            count, _, *sums = self._reduce([float(n) if w is None else float(w.sum()), 0.0,
+                                            *measured])
+            self._settle(sums)
             self._pending = _Selection(ids, None, None, count, 1.0)
             return slice(None)
+        tick = time.perf_counter()
         if callable(score):
             # fp32 turns off an autocast of the caller's; auto without fast bf16 leaves it on.
             dtype = self._score_dtype
@@ -273,29 +303,43 @@ class Worker:
         # copy also leaves inference mode, and the reporter wants the losses there anyway.
         device = scored.device
         scored = scored.cpu() if scored.device.type != "cpu" else scored.clone()
+        if costs is not None:
+            costs.scored(time.perf_counter() - tick)
         if len(scored) != n:
             raise ValueError(f"score gave {len(scored)} losses for a batch of {n} ids")
-        # The filter ranks by the loss each example would add to the step, w * l: a weight-0
-        # example (a suspected label error: scored and reported, never trained on) carries no
-        # share, so the filter keeps what the step will actually train on.
-        ranked = scored if w is None else scored * w
         try:
-            sel, refused = select(ranked, self.config.min_loss_perc,
-                                  self.config.min_samples_perc,
-                                  nonfinite=self.config.nonfinite), None  # type: ignore[arg-type]
+            sel, keep, refused = *self._filter(scored, w), None
         except ValueError as e:
-            sel, refused = None, e
-        keep = sel.indices if sel is not None else torch.zeros(0, dtype=torch.long)
-        if w is not None:
-            keep = keep[w[keep] > 0]
+            sel, keep, refused = None, torch.zeros(0, dtype=torch.long), e
         kept_weight = float(len(keep)) if w is None else float(w[keep].sum())
-        count, n_refused = self.all_reduce([kept_weight, float(refused is not None)])
+        count, n_refused, *sums = self._reduce([kept_weight, float(refused is not None),
+                                                *measured])
         if n_refused:
             raise refused or ValueError(
                 f"the loss filter refused the batch on {int(n_refused)} other rank(s)")
         assert sel is not None
+        if costs is not None:
+            costs.kept(len(keep) / n)
+        self._settle(sums)
         self._pending = _Selection(ids, scored, keep, count, sel.loss_perc)
         return keep.to(device)
+
+    def _filter(self, scored: torch.Tensor, w: torch.Tensor | None
+                ) -> tuple[Selection, torch.Tensor]:
+        """The loss filter's selection of a batch's CPU losses, and the kept indices that
+        carry weight. Raises ValueError where the filter refuses the batch (NaN/inf)."""
+        # The filter ranks by the loss each example would add to the step, w * l: a weight-0
+        # example (a suspected label error: scored and reported, never trained on) carries no
+        # share, so the filter keeps what the step will actually train on.
+        ranked = scored if w is None else scored * w
+        sel = select(ranked, self.config.min_loss_perc, self.config.min_samples_perc,
+                     nonfinite=self.config.nonfinite)  # type: ignore[arg-type]
+        keep = sel.indices
+        return sel, keep if w is None else keep[w[keep] > 0]
+
+    def _settle(self, sums: list[float]) -> None:
+        if self._costs is not None:
+            self._costs.settle(self.step, sums, self.world_size)
 
     def loss(self, losses: torch.Tensor) -> torch.Tensor:
         """The loss to call `backward()` on: `sum(w * kept losses) * world / sum(w)` over
@@ -323,7 +367,13 @@ class Worker:
         if sel.keep is not None:
             kept = torch.zeros(len(scored), dtype=torch.bool)
             kept[sel.keep] = True
-        self._stats += (float(scored.sum()), len(scored), int(kept.sum()), sel.loss_share, 1)
+        elif self._costs is not None:
+            # A full step: what the filter would have kept, from this forward's losses, so
+            # the cost model sees when filtering pays again.
+            with contextlib.suppress(ValueError):  # NaN/inf: nothing to say this step
+                self._costs.kept(len(self._filter(scored, w)[1]) / max(len(scored), 1))
+        self._stats += (float(scored.sum()), len(scored), int(kept.sum()), sel.loss_share, 1,
+                        float(sel.keep is not None))
         if self.reporter is not None:
             self.reporter.report(sel.ids.cpu().numpy(), scored.numpy(), kept.numpy(), self.step,
                                  self.epoch)
@@ -341,7 +391,16 @@ class Worker:
     # -- numbers -------------------------------------------------------------------------------
 
     def all_reduce(self, values: list[float]) -> list[float]:
-        """Sums `values` over all ranks (a collective when there are several)."""
+        """Sums `values` over all ranks (a collective when there are several).
+
+        Call it between steps only (e.g. in an evaluation): the time until the next `select`
+        is then not taken for a training step's.
+        """
+        if self._costs is not None:
+            self._costs.interrupt()
+        return self._reduce(values)
+
+    def _reduce(self, values: list[float]) -> list[float]:
         if self.world_size == 1:
             return values
         dist = torch.distributed
@@ -354,12 +413,24 @@ class Worker:
 
     def summary(self) -> dict[str, float]:
         """Since the last summary, over all ranks (a collective): mean scored loss
-        (`train_loss`), kept fraction (`samp_perc`), mean loss share kept (`loss_perc`) and
-        `steps` per rank."""
-        loss_sum, scored, kept, share_sum, steps = self.all_reduce(self._stats.tolist())
+        (`train_loss`), kept fraction (`samp_perc`; 1 on a full step), mean loss share kept
+        (`loss_perc`), `steps` per rank, the share of them the filter ran on
+        (`filter_steps`), the cost model's switches of mode (`cost_switches`) and, once it
+        measured both modes, its `predicted_ratio` (a filtered step's cost over a full one)."""
+        loss_sum, scored, kept, share_sum, steps, filtered = self.all_reduce(
+            self._stats.tolist())
         self._stats[:] = 0
-        return {"train_loss": loss_sum / max(scored, 1), "samp_perc": kept / max(scored, 1),
-                "loss_perc": share_sum / max(steps, 1), "steps": steps / self.world_size}
+        out = {"train_loss": loss_sum / max(scored, 1), "samp_perc": kept / max(scored, 1),
+               "loss_perc": share_sum / max(steps, 1), "steps": steps / self.world_size,
+               "filter_steps": filtered / max(steps, 1), "cost_switches": 0.0}
+        if self._costs is not None:
+            switches = len(self._costs.model.decisions)
+            out["cost_switches"] = float(switches - self._switches_before)
+            self._switches_before = switches
+            ratio = self._costs.model.predicted_ratio()
+            if ratio is not None:
+                out["predicted_ratio"] = ratio
+        return out
 
     @property
     def kept_fraction(self) -> float:
@@ -376,14 +447,22 @@ class Worker:
         """Rounds this rank trained on a local shuffle because the service was away."""
         return self.fallback_rounds_before + self._plans.fallback_rounds
 
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, Any]:
         """What to save in your checkpoint; the plans themselves are the service's."""
-        return {"step": self.step, "epoch": self.epoch, "service_rounds": self.service_rounds,
-                "fallback_rounds": self.fallback_rounds}
+        state: dict[str, Any] = {
+            "step": self.step, "epoch": self.epoch, "service_rounds": self.service_rounds,
+            "fallback_rounds": self.fallback_rounds}
+        if self._costs is not None:
+            state["cost_model"] = self._costs.state_dict()
+        return state
 
-    def load_state_dict(self, state: Mapping[str, int]) -> None:
-        """Continues from `state_dict()`: step numbers and round counters go on."""
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continues from `state_dict()`: step numbers, round counters and the cost model's
+        mode and estimates go on (a state without the cost model's starts it afresh)."""
         self.step = int(state["step"])
+        if self._costs is not None and "cost_model" in state:
+            self._costs.load_state_dict(state["cost_model"])
+            self._switches_before = len(self._costs.model.decisions)
         self.sampler.set_epoch(int(state["epoch"]))
         self.service_rounds_before = int(state["service_rounds"]) - self._plans.service_rounds
         self.fallback_rounds_before = int(state["fallback_rounds"]) - self._plans.fallback_rounds
@@ -393,6 +472,8 @@ class Worker:
     def close(self, timeout_s: float = 60.0) -> Any:
         """Stops the plan prefetch and flushes the loss reporter it made (up to `timeout_s`);
         returns that reporter's delivery report (None without one)."""
+        if self._costs is not None:
+            self._costs.interrupt()
         self._plans.close()
         delivery = None
         if self._own_reporter and self.reporter is not None:
@@ -412,8 +493,8 @@ class Worker:
 @dataclass
 class _Selection:
     ids: torch.Tensor
-    scored: torch.Tensor | None  # CPU float32, or None with the filter off
-    keep: torch.Tensor | None  # CPU indices, or None with the filter off
+    scored: torch.Tensor | None  # CPU float32, or None on a full step (filter off)
+    keep: torch.Tensor | None  # CPU indices, or None on a full step
     count: float  # kept over all ranks
     loss_share: float
 

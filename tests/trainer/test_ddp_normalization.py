@@ -38,7 +38,8 @@ def _rank(rank: int, port: int, q, poison: bool = False) -> None:
     if poison and rank == 1:
         x[1, 3] = float("nan")  # one NaN loss on rank 1 only
     # ranks keep different counts
-    config = WorkerConfig(min_loss_perc=0.5 + 0.3 * rank, score_precision="fp32")
+    config = WorkerConfig(min_loss_perc=0.5 + 0.3 * rank, score_precision="fp32",
+                          cost_model=False)  # the filter on the first step
     hb = Worker(config, TensorDataset(x[rank], y[rank]), batch_size=32)
     assert (hb.rank, hb.world_size) == (rank, 2)
     ids = torch.arange(32)

@@ -13,6 +13,9 @@ from torch.utils.data.distributed import DistributedSampler
 
 from hardbatch import Driver, PlanConfig, Worker, WorkerConfig
 
+# The filter on every step, from the first (the cost model measures full steps first).
+FILTERING = WorkerConfig(cost_model=False)
+
 
 class Recorder:
     def __init__(self):
@@ -74,7 +77,7 @@ def test_select_and_loss_train_on_the_hardest_and_report_every_scored_example():
     ds = data(64)
     model = torch.nn.Linear(4, 3)
     loss_fn = torch.nn.CrossEntropyLoss(reduction="none")
-    config = WorkerConfig(min_loss_perc=0.5, score_precision="fp32")
+    config = WorkerConfig(min_loss_perc=0.5, score_precision="fp32", cost_model=False)
     with Worker(config, ds, batch_size=64, reporter=rec) as hb:
         ((ids, (x, y)),) = list(hb.batches(0))
         keep = hb.select(ids, lambda: loss_fn(model(x), y))
@@ -106,7 +109,7 @@ def test_filter_off_trains_on_the_whole_batch_without_a_scoring_forward():
 
 
 def test_nan_raises_and_misuse_is_refused():
-    with Worker(None, data(8), batch_size=8) as hb:
+    with Worker(FILTERING, data(8), batch_size=8) as hb:
         ids = torch.arange(8)
         with pytest.raises(ValueError, match="NaN or inf"):
             hb.select(ids, torch.tensor([1.0, float("nan"), 1, 1, 1, 1, 1, 1]))
@@ -125,13 +128,13 @@ def test_nan_raises_and_misuse_is_refused():
 
 def test_state_dict_continues_step_numbers():
     rec = Recorder()
-    with Worker(None, data(20), batch_size=10, reporter=rec) as hb:
+    with Worker(FILTERING, data(20), batch_size=10, reporter=rec) as hb:
         for ids, (x, _) in hb.batches(0):
             keep = hb.select(ids, x.abs().sum(1))
             hb.loss(torch.ones(len(keep)))
         state = hb.state_dict()
     assert state["step"] == 2 and state["epoch"] == 0
-    with Worker(None, data(20), batch_size=10, reporter=rec) as again:
+    with Worker(FILTERING, data(20), batch_size=10, reporter=rec) as again:
         again.load_state_dict(state)
         ids, (x, _) = next(iter(again.batches(1)))
         keep = again.select(ids, x.abs().sum(1))
@@ -167,7 +170,8 @@ def test_importance_weights_of_the_plan_scale_each_kept_loss(redis_url):
     plan = PlanConfig(alpha=2.0, lam=0.1, beta=1.0)
     # Half the data a round: inclusion probabilities, and so weights, differ by hardness.
     with Driver(n, rounds=2, redis=redis_url, run="worker-weights", plan=plan,
-                ray_address=None, worker=WorkerConfig(plan_fraction=0.5)) as d:
+                ray_address=None, worker=WorkerConfig(plan_fraction=0.5, cost_model=False)
+                ) as d:
         # Some history first, so the service's priorities (and weights) differ per sample.
         rep = LossReporter(d.redis_url, d.run, rank=0)
         rep.report(np.arange(n), np.linspace(0.01, 3.0, n, dtype=np.float32),
@@ -203,7 +207,7 @@ def test_weight_zero_is_never_trained_and_weights_normalize_the_loss():
     # The plan flags sample 7 (the hardest) as a suspect: weight 0.
     weights = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.5, 2.0, 1.5, 0.0])
     rec = Recorder()
-    cfg = WorkerConfig(importance_weights=True, min_loss_perc=0.9)
+    cfg = WorkerConfig(importance_weights=True, min_loss_perc=0.9, cost_model=False)
     with Worker(cfg, ds, batch_size=bs, reporter=rec) as hb:
         hb.sampler._rounds = lambda e: Round([ids], [weights])
         got_ids, (x, _) = next(iter(hb.batches(0)))
