@@ -21,11 +21,14 @@ def print_summary(result: RunResult) -> None:
     from hardbatch.trainer.streaming import fixed
 
     print(f"\n{'epoch':>5}{'train loss':>12}{'val loss':>10}{'val acc':>9}{'kept':>7}"
-          f"{'loss share':>12}{'time s':>8}")
+          f"{'loss share':>12}{'filtered':>10}{'time s':>8}")
     for e in result.epochs:
+        # filtered: share of the epoch's steps the filter ran on (the cost model's choice);
+        # runs resumed from before it was recorded have none.
+        filtered = f"{e['filter_steps']:>10.2f}" if "filter_steps" in e else f"{'-':>10}"
         print(f"{e['epoch']:>5}{fixed(e['train_loss'], 12)}{fixed(e['val_loss'], 10)}"
               f"{100 * e['val_accuracy']:>8.2f}%{e['samp_perc']:>7.2f}{e['loss_perc']:>12.3f}"
-              f"{e['train_time_s']:>8.1f}")
+              f"{filtered}{e['train_time_s']:>8.1f}")
 
 
 def print_hardest(run: str, hardest: list[dict[str, Any]]) -> None:
