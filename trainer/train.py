@@ -302,7 +302,7 @@ def _train(config: TrainConfig, task: Task, model: torch.nn.Module, hb: Worker, 
     # (all of them when a group restarts before its first checkpoint).
     marks = hb.reporter if rt.on_epoch_end is not None else None
     attempt = 0
-    if marks is not None and hasattr(marks, "resume"):
+    if marks is not None and hasattr(marks, "resume") and hasattr(marks, "new_attempt"):
         mine = marks.new_attempt() if hb.rank == 0 else 0
         attempt = round(hb.all_reduce([float(mine)])[0])
         marks.resume(attempt, hb.step)
