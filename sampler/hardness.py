@@ -365,9 +365,13 @@ class SuspectRule:
 
     The level is `max(factor * reference, floor)`. The floor matters on clean data, where the
     median loss goes to nearly 0 late in training and any multiple of it would flag ordinary
-    hard samples; 1.0 suits cross-entropy (the model gives the label less than e**-1 = 37%).
-    On MNIST-1D with 20% flipped labels, factor 4 flagged 10,041 samples at precision 0.99 and
-    recall 0.995 at the end of an 8-round run (factor 8: precision 1.0, recall 0.67).
+    hard samples. A flagged sample is never trained, so a hard but correct one stays flagged:
+    the guard must not fire on it. With floor 1.0 (the model gives the label < 37%) it flagged
+    ~150 of 50,000 clean MNIST-1D samples and cost ~0.1 point of final accuracy (12 epochs,
+    3 seeds: 99.21% median, val loss 0.0253, against 99.31% / 0.0219 with the guard off);
+    2.3 (~ln 10: the label gets < 10%, confidently wrong) flagged 44-58 and ended at 99.35% /
+    0.0220. With 20% flipped labels it listed 9,878 at precision 0.997, recall 0.985 (floor
+    1.0: 10,101 at 0.994 / 0.994), with the same final accuracy.
 
     Attributes:
         min_scorings: Scorings needed before a sample can be suspect.
@@ -377,7 +381,7 @@ class SuspectRule:
 
     min_scorings: int = 4
     factor: float = 4.0
-    floor: float = 1.0
+    floor: float = 2.3
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_scorings <= 2**32 - 1:

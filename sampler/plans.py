@@ -66,7 +66,8 @@ class PlanConfig:
         suspect_factor: A sample whose hardness and last loss stay above this many times the
             run's median hardness (and above `suspect_floor`) is suspect (see
             `hardness.SuspectRule`); 0 turns the noise guard off.
-        suspect_floor: The suspect level never goes below this (1.0: cross-entropy scale).
+        suspect_floor: The suspect level never goes below this (2.3 ~ ln 10: the label gets
+            under 10% probability; see `hardness.SuspectRule`).
     """
 
     alpha: float = 1.0
@@ -79,7 +80,7 @@ class PlanConfig:
     strata: int = 16
     suspect_scorings: int = 4
     suspect_factor: float = 4.0
-    suspect_floor: float = 1.0
+    suspect_floor: float = 2.3
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.alpha) and 0.0 <= self.alpha <= 16.0):

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from hardbatch.sampler.filter import per_sample
+from hardbatch.trainer.reporter import LossReporter
 from hardbatch.trainer.task import Task, TaskArgs, count_correct, iter_batches, load_task
 from hardbatch.trainer.worker import Reporter, Worker, WorkerConfig
 from tqdm.auto import tqdm
@@ -300,9 +301,11 @@ def _train(config: TrainConfig, task: Task, model: torch.nn.Module, hb: Worker, 
     # records with a new attempt number (rank 0 asks the store, every rank gets it), and says
     # which step it starts after: records of older attempts past that step are superseded
     # (all of them when a group restarts before its first checkpoint).
-    marks = hb.reporter if rt.on_epoch_end is not None else None
+    # Only the store's own reporter keeps attempt and checkpoint markers (a user's may not).
+    marks = (hb.reporter if rt.on_epoch_end is not None
+             and isinstance(hb.reporter, LossReporter) else None)
     attempt = 0
-    if marks is not None and hasattr(marks, "resume") and hasattr(marks, "new_attempt"):
+    if marks is not None:
         mine = marks.new_attempt() if hb.rank == 0 else 0
         attempt = round(hb.all_reduce([float(mine)])[0])
         marks.resume(attempt, hb.step)

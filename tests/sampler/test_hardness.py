@@ -66,7 +66,7 @@ def test_decay_is_current_after_a_dozen_rounds() -> None:
 
 
 def test_suspect_rule() -> None:
-    rule = SuspectRule(min_scorings=3, factor=4.0)
+    rule = SuspectRule(min_scorings=3, factor=4.0, floor=1.0)
     seen = np.array([3, 3, 2, 5, 0, 4])
     ema = np.array([2.1, 1.9, 9.0, 0.5, 0.0, 3.0], dtype=np.float32)
     last = np.array([2.5, 3.0, 9.0, 0.5, 0.0, 0.1], dtype=np.float32)
@@ -74,6 +74,7 @@ def test_suspect_rule() -> None:
     assert thr == 2.0
     assert rule.threshold(0.001) == 1.0  # the floor, on clean data late in training
     assert SuspectRule(floor=0.0).threshold(0.001) == pytest.approx(0.004)
+    assert SuspectRule().threshold(0.001) == pytest.approx(2.3)  # the default: label < ~10%
     # High, but: below in ema / too few scorings / low / unseen / fell at the last scoring.
     assert rule.mask(seen, ema, last, thr).tolist() == [True, False, False, False, False, False]
     h = np.array([0.5, 0.1, 0.9, 7.0, 100.0], dtype=np.float32)
