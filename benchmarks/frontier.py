@@ -4,9 +4,10 @@ could run instead?
 Plain training at several epoch budgets, each in fp32 and in mixed precision for the whole
 step (bf16 autocast, or fp16 with a scaler on GPUs without bf16) where the hardware runs it
 fast, traces the plain frontier: the least training time to reach each validation target. hardbatch
-in the configuration a user gets by default (`JobConfig()`), and two ablations of it, trace
+in the configuration a user gets by default (`JobConfig()`), and three ablations of it, trace
 theirs: `uniform` is the same with uniform plans (`alpha=0`), `filter_only` the same with plans
-that cover all data (`plan_fraction=1`). An ablation identical to the default is not trained
+that cover all data (`plan_fraction=1`), `no_cost_model` the same with the filter on for every
+step (`cost_model=False`). An ablation identical to the default is not trained
 again: it shares the default's runs, and the JSON says so.
 
 Every config runs for several seeds (model init and data order), seed-major, rotating through
@@ -37,7 +38,11 @@ from hardbatch.trainer.task import BUILTIN_TASKS, Task, TaskArgs, load_task
 from benchmarks import frontier_stats as st
 from benchmarks.frontier_runners import LocalRunner, RayRunner
 
-ARMS = ("plain", "hardbatch", "uniform", "filter_only")
+ARMS = ("plain", "hardbatch", "uniform", "filter_only", "no_cost_model")
+# What each ablation changes in hardbatch's default config.
+ABLATIONS: dict[str, dict[str, Any]] = {"uniform": {"alpha": 0.0},
+                                        "filter_only": {"plan_fraction": 1.0},
+                                        "no_cost_model": {"cost_model": False}}
 # The service's default cap on one listing (Settings.max_limit): precision is measured on the
 # most certain suspects up to it; `listed_total` says how many the service flagged in all.
 SUSPECT_LIMIT = 10_000
@@ -91,12 +96,8 @@ def plain_precisions(device: torch.device) -> tuple[list[str], str]:
 
 def arm_jobs(base: JobConfig) -> dict[str, JobConfig]:
     """The four arms, from hardbatch's defaults; each ablation overrides only what it ablates."""
-    return {
-        "plain": dataclasses.replace(base, plans="local", filter=False),
-        "hardbatch": base,
-        "uniform": dataclasses.replace(base, alpha=0.0),
-        "filter_only": dataclasses.replace(base, plan_fraction=1.0),
-    }
+    return {"plain": dataclasses.replace(base, plans="local", filter=False), "hardbatch": base,
+            **{arm: dataclasses.replace(base, **o) for arm, o in ABLATIONS.items()}}
 
 
 def schedule(arms: dict[str, JobConfig], scale: Scale, seeds: list[int],
@@ -106,8 +107,8 @@ def schedule(arms: dict[str, JobConfig], scale: Scale, seeds: list[int],
     configs: list[dict[str, Any]] = []
     plain = [("plain", p) for p in precisions]
     for epochs in sorted(set(scale.plain_budgets) | set(scale.hardbatch_budgets)):
-        for arm, precision in (plain[0], ("hardbatch", None), *plain[1:], ("uniform", None),
-                               ("filter_only", None)):
+        for arm, precision in (plain[0], ("hardbatch", None), *plain[1:],
+                               *((a, None) for a in ABLATIONS)):
             budgets = scale.plain_budgets if arm == "plain" else scale.hardbatch_budgets
             if epochs not in budgets or (arm != "hardbatch" and arm != "plain"
                                          and arms[arm] == arms["hardbatch"]):
@@ -207,8 +208,7 @@ def run(quick: bool, out: Path, task: str = "mnist1d", task_args: dict[str, str]
                           if k not in ("task", "task_args", "run", "address", "service",
                                        "redis", "storage", "progress", "epochs", "seed")},
         ablations={arm: {"overrides": overrides, "same_as_default": arms[arm] == arms["hardbatch"]}
-                   for arm, overrides in (("uniform", {"alpha": 0.0}),
-                                          ("filter_only", {"plan_fraction": 1.0}))},
+                   for arm, overrides in ABLATIONS.items()},
         **suspect_summary(probe, suspects),
         machine={**info, "load_average_end": list(os.getloadavg())},
         wall_time_s=time.perf_counter() - started,
@@ -231,7 +231,7 @@ def analyze(runs: list[dict[str, Any]], metric: str, arms: dict[str, JobConfig])
         curves[r["arm"]].setdefault(r["config"], []).append(r["evals"])
         kept.setdefault(r["config"], []).append(r["epoch_metrics"][-1]["samp_perc"])
         meta[r["config"]] = {k: r[k] for k in ("arm", "precision", "epochs")}
-    for arm in ("uniform", "filter_only"):
+    for arm in ABLATIONS:
         if arms[arm] == arms["hardbatch"]:  # the same config: it shares the default's runs
             curves[arm] = curves["hardbatch"]
     plain_best = st.best_config(curves["plain"], metric)
@@ -306,12 +306,12 @@ def print_table(r: dict[str, Any]) -> None:
               f"{c['final_val_loss']['median']:>10.4f}{c['train_time_s']['median']:>9.1f}"
               f"{c['final_kept_fraction']['median']:>6.2f}")
     print(f"\n{'target':>9}{'plain s':>9}{'hardbatch s':>13}{'uniform s':>11}"
-          f"{'filter-only s':>15}{'speedup':>9}")
+          f"{'filter-only s':>15}{'no-cost-model s':>17}{'speedup':>9}")
     for t in r["targets"]:
         target = f"{100 * t['target']:.2f}%" if acc else f"{t['target']:.4f}"
         print(f"{target:>9}{fmt(t['plain_time_s']):>9}{fmt(t['hardbatch_time_s']):>13}"
               f"{fmt(t['uniform_time_s']):>11}{fmt(t['filter_only_time_s']):>15}"
-              f"{fmt_x(t['speedup']):>9}")
+              f"{fmt(t['no_cost_model_time_s']):>17}{fmt_x(t['speedup']):>9}")
     print(f"\nspeedup at the best plain median ({r['plain_best_config']}): "
           f"{fmt_x(r['speedup_at_best'])}; least within the window: "
           f"{fmt_x(r['min_speedup_within_1pt'])}; vs uniform plans at best: "
