@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 COLORS = {"plain": "black", "hardbatch": "tab:red", "uniform": "tab:blue",
-          "filter_only": "tab:green", "no_cost_model": "tab:orange"}
+          "filter_only": "tab:green", "cost_model": "tab:orange"}
 
 
 def drawn_arms(result: dict[str, Any]) -> dict[str, str]:

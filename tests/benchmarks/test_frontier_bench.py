@@ -13,7 +13,7 @@ from benchmarks import run_benchmark
 from hardbatch.cli import main
 
 TARGET_KEYS = {"target", "plain_time_s", "hardbatch_time_s", "uniform_time_s",
-               "filter_only_time_s", "no_cost_model_time_s", "speedup"}
+               "filter_only_time_s", "cost_model_time_s", "speedup"}
 TOP_KEYS = {"task", "workers", "seeds", "plain_best_accuracy", "targets", "speedup_at_best",
             "min_speedup_within_1pt", "speedup_vs_uniform_at_best", "plain_best_val_loss",
             "hardbatch_best_accuracy", "hardbatch_val_loss", "suspect_precision", "runs",
@@ -74,8 +74,8 @@ def test_quick_frontier_on_mnist1d_in_one_process(tmp_path):
     # (the cost model may train whole batches in an epoch; every run filters some steps)
     assert all(run["run"] and min(e["samp_perc"] for e in run["epoch_metrics"]) < 1
                for run in hardbatch_runs)
-    assert saved["ablations"]["no_cost_model"] == {"overrides": {"cost_model": False},
-                                                    "same_as_default": not d.cost_model}
+    assert saved["ablations"]["cost_model"] == {"overrides": {"cost_model": True},
+                                                 "same_as_default": d.cost_model}
     assert {p.name for p in tmp_path.glob("*.png")} == {
         "frontier.png", "frontier_accuracy.png", "frontier_loss.png"}
 

@@ -20,6 +20,7 @@ from torch.utils.data import TensorDataset
 from hardbatch import Worker, WorkerConfig
 
 N, BS = 64 * 200, 64
+ON = WorkerConfig(cost_model=True)  # off by default
 FLAT = torch.ones(N)  # the filter keeps ~90% of every batch
 PEAKED = torch.where(torch.arange(N) % 16 == 0, 100.0, 0.01)  # ~4 of 64 carry ~99%
 
@@ -52,7 +53,7 @@ def run(hb: Worker, steps: int, losses: torch.Tensor, score_s: float, full_train
 
 
 def test_filter_turns_off_where_scoring_costs_more_than_it_saves():
-    with Worker(None, dataset(), batch_size=BS) as hb:
+    with Worker(ON, dataset(), batch_size=BS) as hb:
         modes, calls = run(hb, 100, FLAT, score_s=0.02, full_train_s=0.005)
         stats = hb.summary()
         model = hb.state_dict()["cost_model"]["model"]
@@ -68,7 +69,7 @@ def test_filter_turns_off_where_scoring_costs_more_than_it_saves():
 
 
 def test_filter_stays_on_where_it_pays():
-    with Worker(None, dataset(), batch_size=BS) as hb:
+    with Worker(ON, dataset(), batch_size=BS) as hb:
         modes, calls = run(hb, 60, PEAKED, score_s=0.0, full_train_s=0.01)
         stats = hb.summary()
     assert modes[:5] == [Mode.FULL] * 5  # measured first
@@ -88,19 +89,19 @@ def test_cost_model_off_filters_every_step():
 
 
 def test_checkpoint_continues_the_mode_and_an_old_state_starts_afresh():
-    with Worker(None, dataset(), batch_size=BS) as hb:
+    with Worker(ON, dataset(), batch_size=BS) as hb:
         modes, _ = run(hb, 40, PEAKED, score_s=0.0, full_train_s=0.01)
         assert modes[-1] is Mode.FILTER
         buf = io.BytesIO()
         torch.save(hb.state_dict(), buf)  # as the built-in loop checkpoints it
     buf.seek(0)
     state = torch.load(buf, weights_only=True)
-    with Worker(None, dataset(), batch_size=BS) as again:
+    with Worker(ON, dataset(), batch_size=BS) as again:
         again.load_state_dict(state)
         assert run(again, 3, PEAKED, 0.0, 0.01, epoch=1)[0] == [Mode.FILTER] * 3
         assert again.state_dict()["cost_model"]["model"]["estimates"]["filter_steps"] > 20
     old = {k: v for k, v in state.items() if k != "cost_model"}
-    with Worker(None, dataset(), batch_size=BS) as fresh:
+    with Worker(ON, dataset(), batch_size=BS) as fresh:
         fresh.load_state_dict(old)
         assert run(fresh, 3, PEAKED, 0.0, 0.01, epoch=1)[0] == [Mode.FULL] * 3
         assert fresh.step == state["step"] + 3
@@ -151,7 +152,7 @@ def _rank(rank: int, port: int, q) -> None:
     dist.all_reduce = counting
     # Alone, rank 0 would filter (cheap scoring, few kept); rank 1 would not (slow scoring,
     # flat losses). Reduced over both, scoring costs more than it saves.
-    hb = Worker(None, dataset(), batch_size=BS)
+    hb = Worker(ON, dataset(), batch_size=BS)
     modes, _ = run(hb, 60, PEAKED if rank == 0 else FLAT, score_s=0.0 if rank == 0 else 0.04,
                    full_train_s=0.01)
     in_steps = reduces
