@@ -290,16 +290,23 @@ def run(quick: bool, out: Path) -> dict[str, Any]:
     scenarios = ["worker_kill"] if quick else list(FAULTS)
     work = out / "faults-work"
     work.mkdir(parents=True, exist_ok=True)
-    os.environ[TOKEN_ENV] = TOKEN  # the workers' token for plan requests
     result: dict[str, Any] = {"quick": quick, "sizes": sizes,
                               "load_average": os.getloadavg()}
-    ray_init("")
+    # The workers' token for plan requests (ray_init hands it to them), for these runs only:
+    # left set, it would reach every later service client of this process.
+    before = os.environ.get(TOKEN_ENV)
+    os.environ[TOKEN_ENV] = TOKEN
     try:
+        ray_init("")
         for name in scenarios:
             result[name] = scenario(name, sizes, work)
             print(name, result[name], flush=True)
     finally:
         ray.shutdown()
+        if before is None:
+            os.environ.pop(TOKEN_ENV, None)
+        else:
+            os.environ[TOKEN_ENV] = before
     n_runs, n_requests = (30, 200) if quick else (150, 1000)
     with _many_runs(n_runs, 2000, work) as (server, service, runs):
         many = mixed_requests(service.url, runs, 2000, n_requests)

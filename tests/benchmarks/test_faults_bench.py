@@ -4,6 +4,7 @@ behind one service and /healthz with Redis stopped; writes the keys issue 12's b
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -13,7 +14,10 @@ pytestmark = pytest.mark.slow
 
 
 def test_quick_faults_bench_applies_every_record_once(tmp_path):
+    token_before = os.environ.get("HARDBATCH_API_TOKEN")
     r = run_benchmark("faults", quick=True, out=tmp_path)
+    # its token must not reach the services of the tests after it (they have none: 401)
+    assert os.environ.get("HARDBATCH_API_TOKEN") == token_before
     assert json.loads((tmp_path / "faults.json").read_text())["quick"] is True
     kill = r["worker_kill"]
     assert set(kill) >= {"finished", "records_expected", "records_applied", "final_accuracy"}
