@@ -84,8 +84,9 @@ class Service:
                 self.kill()
 
 
-def _train_worker_pids() -> list[int]:
-    """Ray Train workers of this process's Ray cluster."""
+def train_worker_pids() -> list[int]:
+    """Ray Train workers of this process's Ray cluster (its raylet is our child; other Ray
+    clusters may run on the machine at the same time)."""
     pids = []
     for p in psutil.Process().children(recursive=True):
         with contextlib.suppress(psutil.Error):
@@ -101,7 +102,7 @@ def _redis_restart(server: EmbeddedRedis, service: Service) -> None:
 
 
 def _worker_kill(server: EmbeddedRedis, service: Service) -> None:
-    pids = _train_worker_pids()
+    pids = train_worker_pids()
     if not pids:
         raise RuntimeError("no Ray Train worker to kill")
     os.kill(pids[-1], signal.SIGKILL)

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import threading
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 from hardbatch.trainer.distributed import JobConfig
 from hardbatch.trainer.driver import ray_init
 from hardbatch.trainer.launch import JobResult, launch
 from hardbatch.trainer.plan_source import batches_per_round
+
+from benchmarks.faults import train_worker_pids
 
 pytestmark = pytest.mark.slow
 
@@ -45,17 +45,6 @@ def test_two_workers_train_on_service_plans_and_stream_every_loss(ray_cluster, r
     assert 0 < done.result.epochs[-1]["samp_perc"] < 1
 
 
-def _train_worker_pids() -> list[int]:
-    """Ray Train workers of this test's cluster (its raylet is our child; other Ray clusters
-    may run on the machine at the same time)."""
-    pids = []
-    for p in psutil.Process().children(recursive=True):
-        with contextlib.suppress(psutil.Error):
-            if "RayTrainWorker" in " ".join(p.cmdline()):
-                pids.append(p.pid)
-    return pids
-
-
 def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_cluster, redis_url, tmp_path):
     job = JobConfig(**{**SMALL, "num_samples": 8000, "width": 48}, epochs=6, redis=redis_url,
                     run="dist-kill", storage=str(tmp_path), max_failures=2)
@@ -69,7 +58,7 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_cluster, redis_url
         ckpts = list(tmp_path.glob("dist-kill/checkpoint_*"))
         time.sleep(0.05)
     assert len(ckpts) >= 2, "no checkpoint appeared"
-    pids = _train_worker_pids()
+    pids = train_worker_pids()
     assert len(pids) == 2, pids
     os.kill(pids[-1], signal.SIGKILL)
     runner.join(300)
