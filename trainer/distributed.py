@@ -39,17 +39,19 @@ class JobConfig(TrainConfig):
     plans: str = field(default="service", metadata={
         "help": "Where batches come from: service (hard-biased plans, losses streamed to the "
                 "store) or local (a seeded shuffle, nothing streamed: plain DDP)."})
-    plan_fraction: float = field(default=1.0, metadata={
-        "help": "Share of the dataset each epoch's plans cover; below 1 the service picks "
-                "that share, biased toward hard examples, with importance weights that keep "
-                "the gradient unbiased (1: every sample; suspected label errors get weight "
-                "0). Below 1 measured slower to every target: see the README's frontier."})
+    plan_fraction: float = field(default=0.5, metadata={
+        "help": "Share of the dataset each epoch's plans cover: the service picks that share, "
+                "biased toward examples still being learned, so the well-learned ones are "
+                "not even scored (1: every sample, alpha then only reorders; suspected label "
+                "errors are never trained on). See the README's frontier."})
     alpha: float = field(default=1.0, metadata={
         "help": "Plan priority exponent on hardness, in [0, 16] (0: uniform)."})
     lam: float = field(default=0.1, metadata={
         "help": "Uniform floor of the plan distribution, so no sample starves."})
-    beta: float = field(default=1.0, metadata={
-        "help": "Importance-weight exponent in [0, 1] (1: unbiased gradient, 0: no weights)."})
+    beta: float = field(default=0.0, metadata={
+        "help": "Importance-weight exponent in [0, 1] (1: unbiased plans, 0: no weights). "
+                "0 by default: behind the filter, which is biased anyway, the weights of "
+                "rarely picked samples only added variance (README: frontier ablation)."})
     anneal_frac: float = field(default=0.125, metadata={
         "help": "Share of the last epochs whose plans are uniform (InfoBatch's annealing)."})
     placement: str = field(default="PACK", metadata={

@@ -112,8 +112,9 @@ class Driver:
         ray_address: Ray to join ("auto", "ray://HOST:10001"), "" to start a local cluster if
             this process has none, or None to leave Ray alone.
         plan: how plans lean toward hard samples (`PlanConfig`: alpha, lam, beta, ...);
-            `total_rounds` is set from `rounds`. With `beta > 0` plans carry importance
-            weights and the workers apply them.
+            `total_rounds` is set from `rounds`. The workers apply the plans' weights when
+            they carry importance weights (`beta > 0`) or the noise guard is on (weight 0 for
+            a suspected label error, whatever beta).
         worker: the workers' filter settings and plan fraction (`WorkerConfig`); its run,
             service, redis and rounds are filled in here.
         store_dir: where an embedded Redis keeps its append-only file (fsync every second);
@@ -151,7 +152,8 @@ class Driver:
         return dataclasses.replace(
             self._worker, run=self.run, service=self.service_url, redis=self.redis_url,
             rounds=self.rounds,
-            importance_weights=self._worker.importance_weights or self.plan.beta > 0,
+            importance_weights=(self._worker.importance_weights or self.plan.beta > 0
+                                or self.plan.suspect_rule() is not None),
         ).to_dict()
 
     def __enter__(self) -> Driver:

@@ -13,7 +13,7 @@ from benchmarks import run_benchmark
 from hardbatch.cli import main
 
 TARGET_KEYS = {"target", "plain_time_s", "hardbatch_time_s", "uniform_time_s",
-               "filter_only_time_s", "cost_model_time_s", "speedup"}
+               "filter_only_time_s", "unbiased_time_s", "cost_model_time_s", "speedup"}
 TOP_KEYS = {"task", "workers", "seeds", "plain_best_accuracy", "targets", "speedup_at_best",
             "min_speedup_within_1pt", "speedup_vs_uniform_at_best", "plain_best_val_loss",
             "hardbatch_best_accuracy", "hardbatch_val_loss", "suspect_precision", "runs",
@@ -76,6 +76,8 @@ def test_quick_frontier_on_mnist1d_in_one_process(tmp_path):
                for run in hardbatch_runs)
     assert saved["ablations"]["cost_model"] == {"overrides": {"cost_model": True},
                                                  "same_as_default": d.cost_model}
+    assert saved["ablations"]["unbiased"] == {"overrides": {"beta": 1.0},
+                                               "same_as_default": d.beta == 1.0}
     assert {p.name for p in tmp_path.glob("*.png")} == {
         "frontier.png", "frontier_accuracy.png", "frontier_loss.png"}
 

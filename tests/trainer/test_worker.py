@@ -165,6 +165,17 @@ def test_next_round_is_asked_for_at_90_percent_for_a_dataset_that_is_not_tensors
         assert asked[:18] == [0] * 18 and asked[18:] == [1, 1]
 
 
+def test_workers_apply_plan_weights_whenever_the_noise_guard_can_zero_one(redis_url):
+    # beta = 0 carries no importance weights, but a suspect's weight 0 must still apply:
+    # otherwise the filter would keep training on suspected label errors.
+    cases = [(PlanConfig(beta=0.0), True), (PlanConfig(beta=0.0, suspect_factor=0.0), False),
+             (PlanConfig(beta=0.5, suspect_factor=0.0), True)]
+    for k, (plan, applied) in enumerate(cases):
+        with Driver(2000, rounds=2, redis=redis_url, run=f"worker-wflag-{k}", plan=plan,
+                    ray_address=None) as d:
+            assert d.worker_config["importance_weights"] is applied, plan
+
+
 def test_importance_weights_of_the_plan_scale_each_kept_loss(redis_url):
     n, bs = 2000, 100
     plan = PlanConfig(alpha=2.0, lam=0.1, beta=1.0)
