@@ -52,7 +52,12 @@ SUSPECT_LIMIT = 10_000
 
 @dataclasses.dataclass(frozen=True)
 class Scale:
-    """Sizes and budgets of one benchmark run."""
+    """Sizes and budgets of one benchmark run.
+
+    Budgets count passes over the data: a run whose plans cover a share `f` of the data per
+    epoch trains `passes / f` epochs, so a hardbatch arm skipping half the data each epoch gets
+    the same data budget as plain training, not half of it.
+    """
 
     num_samples: int
     width: int
@@ -108,21 +113,32 @@ def schedule(arms: dict[str, JobConfig], scale: Scale, seeds: list[int],
     budget by budget, starting one place later for each seed."""
     configs: list[dict[str, Any]] = []
     plain = [("plain", p) for p in precisions]
-    for epochs in sorted(set(scale.plain_budgets) | set(scale.hardbatch_budgets)):
+    for passes in sorted(set(scale.plain_budgets) | set(scale.hardbatch_budgets)):
         for arm, precision in (plain[0], ("hardbatch", None), *plain[1:],
-                               *((a, None) for a in ABLATIONS)):
+                               *((a, None) for a in ABLATIONS if a in arms)):
             budgets = scale.plain_budgets if arm == "plain" else scale.hardbatch_budgets
-            if epochs not in budgets or (arm != "hardbatch" and arm != "plain"
+            if passes not in budgets or (arm != "hardbatch" and arm != "plain"
                                          and arms[arm] == arms["hardbatch"]):
                 continue
             precision = precision or arms[arm].precision
+            epochs = passes if arm == "plain" else epochs_for(passes, arms[arm].plan_fraction)
             configs.append({"config": f"{arm}/{precision}/{epochs}ep", "arm": arm,
-                            "precision": precision, "epochs": epochs})
+                            "precision": precision, "epochs": epochs, "passes": passes})
     plan = []
     for i, seed in enumerate(seeds):
         k = i % len(configs)
         plan += [{**c, "seed": seed} for c in configs[k:] + configs[:k]]
     return plan
+
+
+def epochs_for(passes: int, plan_fraction: float) -> int:
+    """Epochs that give `passes` passes over the data with plans over `plan_fraction` of it.
+
+    Example:
+        >>> epochs_for(7, 1.0), epochs_for(7, 0.5), epochs_for(4, 0.3)
+        (7, 14, 13)
+    """
+    return max(1, round(passes / plan_fraction))
 
 
 def job_for(arms: dict[str, JobConfig], item: dict[str, Any], scale: Scale) -> JobConfig:
@@ -145,7 +161,8 @@ def machine_info() -> dict[str, Any]:
 
 
 def run(quick: bool, out: Path, task: str = "mnist1d", task_args: dict[str, str] | None = None,
-        workers: int = 1, seeds: int | None = None, threads: int = 1) -> dict[str, Any]:
+        workers: int = 1, seeds: int | None = None, threads: int = 1,
+        ablations: list[str] | None = None) -> dict[str, Any]:
     """Trains every config for every seed and writes the frontier (see the module doc).
 
     Args:
@@ -157,10 +174,15 @@ def run(quick: bool, out: Path, task: str = "mnist1d", task_args: dict[str, str]
         seeds: seeds per config (default 3, quick 2).
         threads: torch threads per training process (1: a 2-core machine keeps a core for the
             service, Redis and the loss reporter, and timings on a shared machine stay stable).
+        ablations: the ablation arms to train (default: all of `ABLATIONS`); the others are
+            left out of the tables and get no speedup figures.
     """
     n_seeds = seeds if seeds is not None else (QUICK_SEEDS if quick else FULL_SEEDS)
     if n_seeds < 1 or workers < 1 or threads < 0:
         raise ValueError("need seeds >= 1, workers >= 1 and threads >= 0")
+    chosen = list(ABLATIONS) if ablations is None else list(ablations)
+    if unknown := set(chosen) - set(ABLATIONS):
+        raise ValueError(f"unknown ablations {sorted(unknown)}; choose from {list(ABLATIONS)}")
     scale = default_scale(quick, task)
     task_args = dict(task_args or {})
     base = dataclasses.replace(
@@ -168,7 +190,7 @@ def run(quick: bool, out: Path, task: str = "mnist1d", task_args: dict[str, str]
         num_samples=scale.num_samples, width=scale.width, batch_size=scale.batch_size,
         workers=workers, threads=threads, progress=False)
     probe: Task = load_task(base.task)(TaskArgs(base.num_samples, base.width, 0, task_args))
-    arms = arm_jobs(base)
+    arms = {a: j for a, j in arm_jobs(base).items() if a in ("plain", "hardbatch", *chosen)}
     precisions, precision_note = plain_precisions(base.resolved_device())
     plan = schedule(arms, scale, list(range(n_seeds)), precisions)
     started, info = time.perf_counter(), machine_info()
@@ -188,7 +210,7 @@ def run(quick: bool, out: Path, task: str = "mnist1d", task_args: dict[str, str]
             noisy = probe.noisy_ids
             if run_name is not None and noisy is not None \
                     and item["arm"] == "hardbatch" \
-                    and item["epochs"] == max(scale.hardbatch_budgets):
+                    and item["passes"] == max(scale.hardbatch_budgets):
                 runner.settle(run_name)
                 # Every suspect the service lists (the listing's cap is far above any
                 # flipped-label count of the built-in tasks).
@@ -203,14 +225,14 @@ def run(quick: bool, out: Path, task: str = "mnist1d", task_args: dict[str, str]
     result.update(
         task=base.task, task_name=task, task_args=task_args, workers=workers, seeds=n_seeds,
         quick=quick, threads=threads, num_samples=scale.num_samples, width=scale.width,
-        batch_size=scale.batch_size, plain_budgets=list(scale.plain_budgets),
-        hardbatch_budgets=list(scale.hardbatch_budgets), plain_precisions=precisions,
-        precision_note=precision_note,
+        batch_size=scale.batch_size, budgets_in="passes over the data",
+        plain_budgets=list(scale.plain_budgets), hardbatch_budgets=list(scale.hardbatch_budgets),
+        plain_precisions=precisions, precision_note=precision_note,
         hardbatch_config={k: v for k, v in dataclasses.asdict(base).items()
                           if k not in ("task", "task_args", "run", "address", "service",
                                        "redis", "storage", "progress", "epochs", "seed")},
         ablations={arm: {"overrides": overrides, "same_as_default": arms[arm] == arms["hardbatch"]}
-                   for arm, overrides in ABLATIONS.items()},
+                   for arm, overrides in ABLATIONS.items() if arm in arms},
         **suspect_summary(probe, suspects),
         machine={**info, "load_average_end": list(os.getloadavg())},
         wall_time_s=time.perf_counter() - started,
@@ -226,14 +248,15 @@ def run(quick: bool, out: Path, task: str = "mnist1d", task_args: dict[str, str]
 
 def analyze(runs: list[dict[str, Any]], metric: str, arms: dict[str, JobConfig]) -> dict[str, Any]:
     """The frontier from the runs: per-config summaries, targets, speedups."""
-    curves: dict[str, dict[str, list[Any]]] = {arm: {} for arm in ARMS}
+    names = [arm for arm in ARMS if arm in arms]
+    curves: dict[str, dict[str, list[Any]]] = {arm: {} for arm in names}
     kept: dict[str, list[float]] = {}
     meta: dict[str, dict[str, Any]] = {}
     for r in runs:
         curves[r["arm"]].setdefault(r["config"], []).append(r["evals"])
         kept.setdefault(r["config"], []).append(r["epoch_metrics"][-1]["samp_perc"])
-        meta[r["config"]] = {k: r[k] for k in ("arm", "precision", "epochs")}
-    for arm in ABLATIONS:
+        meta[r["config"]] = {k: r[k] for k in ("arm", "precision", "epochs", "passes")}
+    for arm in names[2:]:
         if arms[arm] == arms["hardbatch"]:  # the same config: it shares the default's runs
             curves[arm] = curves["hardbatch"]
     plain_best = st.best_config(curves["plain"], metric)
@@ -242,22 +265,22 @@ def analyze(runs: list[dict[str, Any]], metric: str, arms: dict[str, JobConfig])
     rows = []
     for target in targets:
         row: dict[str, Any] = {"target": target, "best_config": {}}
-        for arm in ARMS:
+        for arm in names:
             t, name, per_seed = st.fastest(curves[arm], target, metric)
             row[f"{arm}_time_s"] = t
             row["best_config"][arm] = (None if name is None else
                                        {"config": name, "half_time": t, "per_seed": per_seed})
         row["speedup"] = st.ratio(row["plain_time_s"], row["hardbatch_time_s"])
-        row["speedup_vs_uniform"] = st.ratio(row["uniform_time_s"], row["hardbatch_time_s"])
+        row["speedup_vs_uniform"] = st.ratio(row.get("uniform_time_s"), row["hardbatch_time_s"])
         rows.append(row)
-    best_configs = {arm: st.best_config(curves[arm], metric) for arm in ARMS}
+    best_configs = {arm: st.best_config(curves[arm], metric) for arm in names}
     hb_best = best_configs["hardbatch"]
 
     def median_of(arm: str, config: str, key: str) -> float:
         return statistics.median(c[-1][key] for c in curves[arm][config])
 
     return {
-        "metric": metric, "arms": list(ARMS),
+        "metric": metric, "arms": names,
         "configs": {name: {**meta[name], **st.summarize_config(
             curves[m["arm"]][name], kept[name], targets, metric)} for name, m in meta.items()},
         "best_configs": best_configs,
@@ -300,7 +323,7 @@ def print_table(r: dict[str, Any]) -> None:
     print(f"\n{r['task_name']} ({r['task']}) {r['task_args'] or ''}: {r['workers']} worker(s), "
           f"{r['seeds']} seeds, {r['num_samples']} samples, judged by {r['metric']}")
     print(f"{'config':<26}{'final acc':>22}{'val loss':>10}{'train s':>9}{'kept':>6}")
-    for name, c in sorted(r["configs"].items(), key=lambda kv: (ARMS.index(kv[1]["arm"]),
+    for name, c in sorted(r["configs"].items(), key=lambda kv: (r["arms"].index(kv[1]["arm"]),
                                                                  kv[1]["precision"],
                                                                  kv[1]["epochs"])):
         a = c["final_accuracy"]
@@ -308,10 +331,11 @@ def print_table(r: dict[str, Any]) -> None:
               f"{c['final_val_loss']['median']:>10.4f}{c['train_time_s']['median']:>9.1f}"
               f"{c['final_kept_fraction']['median']:>6.2f}")
     print(f"\n{'target':>9}" + "".join(f"{a.replace('_', '-') + ' s':>{len(a) + 4}}"
-                                       for a in ARMS) + f"{'speedup':>9}")
+                                       for a in r["arms"]) + f"{'speedup':>9}")
     for t in r["targets"]:
         target = f"{100 * t['target']:.2f}%" if acc else f"{t['target']:.4f}"
-        print(f"{target:>9}" + "".join(f"{fmt(t[a + '_time_s']):>{len(a) + 4}}" for a in ARMS)
+        print(f"{target:>9}" + "".join(f"{fmt(t[a + '_time_s']):>{len(a) + 4}}"
+                                       for a in r["arms"])
               + f"{fmt_x(t['speedup']):>9}")
     print(f"\nspeedup at the best plain median ({r['plain_best_config']}): "
           f"{fmt_x(r['speedup_at_best'])}; least within the window: "

@@ -47,8 +47,12 @@ def main() -> None:
 @click.option("--threads", type=click.IntRange(min=0), default=None,
               help="frontier: torch threads per training process (0: torch's default) "
                    "[default: 1].")
+@click.option("--ablations", default=None, metavar="A,B",
+              help="frontier: ablation arms to train, comma-separated, from uniform, "
+                   "filter_only, unbiased, cost_model ('' for none) [default: all].")
 def bench(name: str, quick: bool, out: str, task: str | None, task_args: tuple[str, ...],
-          workers: int | None, seeds: int | None, threads: int | None) -> None:
+          workers: int | None, seeds: int | None, threads: int | None,
+          ablations: str | None) -> None:
     """Run benchmark NAME, print its table and write OUT/NAME.json."""
     bench_mod = _benchmarks()
     names = sorted(bench_mod.BENCHMARKS)  # type: ignore[attr-defined]
@@ -58,7 +62,8 @@ def bench(name: str, quick: bool, out: str, task: str | None, task_args: tuple[s
     if any(not sep or not k for k, sep, _ in pairs):
         raise click.BadParameter(f"expected KEY=VALUE, got {task_args}", param_hint="--task-arg")
     given = {"task": task, "task_args": {k: v for k, _, v in pairs} or None, "workers": workers,
-             "seeds": seeds, "threads": threads}
+             "seeds": seeds, "threads": threads,
+             "ablations": None if ablations is None else [a for a in ablations.split(",") if a]}
     options = {k: v for k, v in given.items() if v is not None}
     try:
         if task is not None:

@@ -12,8 +12,6 @@ from hardbatch.trainer.distributed import JobConfig
 from benchmarks import run_benchmark
 from hardbatch.cli import main
 
-TARGET_KEYS = {"target", "plain_time_s", "hardbatch_time_s", "uniform_time_s",
-               "filter_only_time_s", "unbiased_time_s", "cost_model_time_s", "speedup"}
 TOP_KEYS = {"task", "workers", "seeds", "plain_best_accuracy", "targets", "speedup_at_best",
             "min_speedup_within_1pt", "speedup_vs_uniform_at_best", "plain_best_val_loss",
             "hardbatch_best_accuracy", "hardbatch_val_loss", "suspect_precision", "runs",
@@ -23,7 +21,8 @@ TOP_KEYS = {"task", "workers", "seeds", "plain_best_accuracy", "targets", "speed
 def check_frontier(r: dict, metric: str, seeds: int) -> None:
     assert set(r) >= TOP_KEYS and r["metric"] == metric and r["seeds"] == seeds
     targets = [t["target"] for t in r["targets"]]
-    assert len(targets) == 11 and all(set(t) >= TARGET_KEYS for t in r["targets"])
+    keys = {"target", "speedup", *(f"{arm}_time_s" for arm in r["arms"])}
+    assert len(targets) == 11 and all(set(t) >= keys for t in r["targets"])
     worse = sorted(targets, reverse=(metric == "accuracy"))
     assert targets == worse  # from the best plain median to one point (2%) worse
     best = r["plain_best_accuracy"] if metric == "accuracy" else r["plain_best_val_loss"]
@@ -56,6 +55,8 @@ def test_quick_frontier_on_mnist1d_in_one_process(tmp_path):
     saved = json.loads((tmp_path / "frontier.json").read_text())
     assert saved["speedup_at_best"] == r["speedup_at_best"]
     check_frontier(saved, "accuracy", seeds=2)
+    assert saved["arms"] == ["plain", "hardbatch", "uniform", "filter_only", "unbiased",
+                             "cost_model"]
     assert saved["workers"] == 1 and saved["task_name"] == "mnist1d"
     assert saved["plain_best_accuracy"] > 0.2  # ten classes: it learned something
     # interleaved: within a seed hardbatch runs come between plain ones, and each seed starts
@@ -98,9 +99,14 @@ def test_quick_frontier_on_noisy_tabular_reports_the_suspect_listing_or_its_abse
 
 
 def test_quick_frontier_on_the_sequence_task_targets_validation_loss(tmp_path):
-    r = run_benchmark("frontier", quick=True, out=tmp_path, task="sequence", seeds=1)
+    r = run_benchmark("frontier", quick=True, out=tmp_path, task="sequence", seeds=1,
+                      ablations=["uniform"])
     check_frontier(r, "val_loss", seeds=1)
     assert r["suspect_precision"] is None
+    # only the ablation asked for: its runs, figures and plots; the others nowhere
+    assert r["arms"] == ["plain", "hardbatch", "uniform"] and list(r["ablations"]) == ["uniform"]
+    assert {run["arm"] for run in r["runs"]} == {"plain", "hardbatch", "uniform"}
+    assert all("filter_only_time_s" not in t and "uniform_time_s" in t for t in r["targets"])
 
 
 @pytest.mark.slow
@@ -115,6 +121,7 @@ def test_quick_frontier_on_two_ray_workers(tmp_path):
     (["frontier", "--task-arg", "noise"], "expected KEY=VALUE"),
     (["frontier", "--task", "nope"], "task must be one of"),
     (["frontier", "--workers", "0"], "0 is not in the range"),
+    (["frontier", "--ablations", "uniform,nope"], "unknown ablations ['nope']"),
 ])
 def test_bench_options_are_checked_before_anything_runs(args, message, tmp_path):
     result = CliRunner().invoke(main, ["bench", *args, "--quick", "--out", str(tmp_path)])

@@ -51,3 +51,24 @@ def test_speedups_treat_never_as_no_speedup():
     assert st.ratio(4.0, None) is None
     assert st.min_speedup([1.5, None, 2.0]) == 0.0
     assert st.min_speedup([1.5, 1.2]) == 1.2
+
+
+def test_budgets_are_passes_over_the_data_whatever_an_arm_plans_per_epoch():
+    import dataclasses
+
+    from hardbatch.trainer.distributed import JobConfig
+
+    from benchmarks.frontier import ABLATIONS, Scale, arm_jobs, schedule
+
+    base = dataclasses.replace(JobConfig(), plan_fraction=0.5, beta=1.0, cost_model=False)
+    arms = arm_jobs(base)
+    plan = schedule(arms, Scale(100, 8, 10, (2, 4), (4,), 4), [0], ["fp32"])
+    got = {(p["arm"], p["passes"]): p["epochs"] for p in plan}
+    # plain: epochs = passes; plans over half the data: twice the epochs for the same passes
+    assert got[("plain", 2)] == 2 and got[("plain", 4)] == 4
+    assert got[("hardbatch", 4)] == 8 and got[("uniform", 4)] == 8
+    assert got[("filter_only", 4)] == 4  # plans over all the data
+    assert got[("cost_model", 4)] == 8
+    assert ("unbiased", 4) not in got  # beta=1 is this default: it shares its runs
+    assert set(ABLATIONS) >= {arm for arm, _ in got if arm not in ("plain", "hardbatch")}
+    assert all(p["config"].endswith(f"/{p['epochs']}ep") for p in plan)
