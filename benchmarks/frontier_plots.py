@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 
 COLORS = {"plain": "black", "hardbatch": "tab:red", "uniform": "tab:blue",
           "filter_only": "tab:green", "cost_model": "tab:orange",
-          "unbiased": "tab:purple"}
+          "no_weights": "tab:purple"}
 
 
 def drawn_arms(result: dict[str, Any]) -> dict[str, str]:

@@ -55,7 +55,7 @@ def test_quick_frontier_on_mnist1d_in_one_process(tmp_path):
     saved = json.loads((tmp_path / "frontier.json").read_text())
     assert saved["speedup_at_best"] == r["speedup_at_best"]
     check_frontier(saved, "accuracy", seeds=2)
-    assert saved["arms"] == ["plain", "hardbatch", "uniform", "filter_only", "unbiased",
+    assert saved["arms"] == ["plain", "hardbatch", "uniform", "filter_only", "no_weights",
                              "cost_model"]
     assert saved["workers"] == 1 and saved["task_name"] == "mnist1d"
     assert saved["plain_best_accuracy"] > 0.2  # ten classes: it learned something
@@ -77,8 +77,8 @@ def test_quick_frontier_on_mnist1d_in_one_process(tmp_path):
                for run in hardbatch_runs)
     assert saved["ablations"]["cost_model"] == {"overrides": {"cost_model": True},
                                                  "same_as_default": d.cost_model}
-    assert saved["ablations"]["unbiased"] == {"overrides": {"beta": 1.0},
-                                               "same_as_default": d.beta == 1.0}
+    assert saved["ablations"]["no_weights"] == {"overrides": {"beta": 0.0},
+                                                 "same_as_default": d.beta == 0.0}
     assert {p.name for p in tmp_path.glob("*.png")} == {
         "frontier.png", "frontier_accuracy.png", "frontier_loss.png"}
 

@@ -60,7 +60,7 @@ def test_budgets_are_passes_over_the_data_whatever_an_arm_plans_per_epoch():
 
     from benchmarks.frontier import ABLATIONS, Scale, arm_jobs, schedule
 
-    base = dataclasses.replace(JobConfig(), plan_fraction=0.5, beta=1.0, cost_model=False)
+    base = dataclasses.replace(JobConfig(), plan_fraction=0.5, beta=0.0, cost_model=False)
     arms = arm_jobs(base)
     plan = schedule(arms, Scale(100, 8, 10, (2, 4), (4,), 4), [0], ["fp32"])
     got = {(p["arm"], p["passes"]): p["epochs"] for p in plan}
@@ -69,6 +69,6 @@ def test_budgets_are_passes_over_the_data_whatever_an_arm_plans_per_epoch():
     assert got[("hardbatch", 4)] == 8 and got[("uniform", 4)] == 8
     assert got[("filter_only", 4)] == 4  # plans over all the data
     assert got[("cost_model", 4)] == 8
-    assert ("unbiased", 4) not in got  # beta=1 is this default: it shares its runs
+    assert ("no_weights", 4) not in got  # beta=0 is this default: it shares its runs
     assert set(ABLATIONS) >= {arm for arm, _ in got if arm not in ("plain", "hardbatch")}
     assert all(p["config"].endswith(f"/{p['epochs']}ep") for p in plan)
