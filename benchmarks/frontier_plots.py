@@ -12,8 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 COLORS = {"plain": "black", "hardbatch": "tab:red", "uniform": "tab:blue",
-          "filter_only": "tab:green", "cost_model": "tab:orange",
-          "no_weights": "tab:purple"}
+          "half": "tab:green", "cost_model": "tab:orange",
+          "half_weighted": "tab:purple"}
 
 
 def drawn_arms(result: dict[str, Any]) -> dict[str, str]:

@@ -39,20 +39,19 @@ class JobConfig(TrainConfig):
     plans: str = field(default="service", metadata={
         "help": "Where batches come from: service (hard-biased plans, losses streamed to the "
                 "store) or local (a seeded shuffle, nothing streamed: plain DDP)."})
-    plan_fraction: float = field(default=0.5, metadata={
-        "help": "Share of the dataset each epoch's plans cover: the service picks that share, "
-                "biased toward examples still being learned, so the well-learned ones are "
-                "not even scored (1: every sample, alpha then only reorders; suspected label "
-                "errors are never trained on). See the README's frontier."})
+    plan_fraction: float = field(default=1.0, metadata={
+        "help": "Share of the dataset each epoch's plans cover; below 1 the service picks that "
+                "share, biased toward examples still being learned, so the well-learned are not "
+                "even scored (1: every sample, the service only orders them; suspected label "
+                "errors are never trained on). 0.5 with --beta 0 was the fastest on clean "
+                "MNIST-1D and far worse with flipped labels: see the README's frontier."})
     alpha: float = field(default=1.0, metadata={
         "help": "Plan priority exponent on hardness, in [0, 16] (0: uniform)."})
     lam: float = field(default=0.1, metadata={
         "help": "Uniform floor of the plan distribution, so no sample starves."})
     beta: float = field(default=1.0, metadata={
-        "help": "Importance-weight exponent in [0, 1] (1: unbiased plans, 0: no weights). "
-                "0 was ~0.1 point better on clean MNIST-1D but 3.5 points worse with 20% "
-                "flipped labels, where hard plans without weights chase the wrong labels "
-                "(README: the frontier's no_weights ablation)."})
+        "help": "Importance-weight exponent in [0, 1] (1: unbiased plans, 0: no weights, a "
+                "plain hard bias; matters only with --plan-fraction below 1)."})
     anneal_frac: float = field(default=0.125, metadata={
         "help": "Share of the last epochs whose plans are uniform (InfoBatch's annealing)."})
     placement: str = field(default="PACK", metadata={

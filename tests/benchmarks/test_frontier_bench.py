@@ -55,7 +55,7 @@ def test_quick_frontier_on_mnist1d_in_one_process(tmp_path):
     saved = json.loads((tmp_path / "frontier.json").read_text())
     assert saved["speedup_at_best"] == r["speedup_at_best"]
     check_frontier(saved, "accuracy", seeds=2)
-    assert saved["arms"] == ["plain", "hardbatch", "uniform", "filter_only", "no_weights",
+    assert saved["arms"] == ["plain", "hardbatch", "uniform", "half", "half_weighted",
                              "cost_model"]
     assert saved["workers"] == 1 and saved["task_name"] == "mnist1d"
     assert saved["plain_best_accuracy"] > 0.2  # ten classes: it learned something
@@ -70,15 +70,19 @@ def test_quick_frontier_on_mnist1d_in_one_process(tmp_path):
     d = JobConfig()
     assert saved["hardbatch_config"]["plan_fraction"] == d.plan_fraction
     assert saved["hardbatch_config"]["alpha"] == d.alpha
-    assert saved["ablations"]["filter_only"]["same_as_default"] == (d.plan_fraction == 1.0)
+    assert saved["ablations"]["half"]["same_as_default"] == (d.plan_fraction == 0.5
+                                                             and d.beta == 0.0)
     hardbatch_runs = [run for run in saved["runs"] if run["arm"] == "hardbatch"]
     # (the cost model may train whole batches in an epoch; every run filters some steps)
     assert all(run["run"] and min(e["samp_perc"] for e in run["epoch_metrics"]) < 1
                for run in hardbatch_runs)
     assert saved["ablations"]["cost_model"] == {"overrides": {"cost_model": True},
                                                  "same_as_default": d.cost_model}
-    assert saved["ablations"]["no_weights"] == {"overrides": {"beta": 0.0},
-                                                 "same_as_default": d.beta == 0.0}
+    assert saved["ablations"]["half_weighted"]["overrides"] == {"plan_fraction": 0.5,
+                                                                "beta": 1.0}
+    # budgets are passes: plans over half the data train twice the epochs
+    half = {run["passes"]: run["epochs"] for run in saved["runs"] if run["arm"] == "half"}
+    assert half and all(e == 2 * p for p, e in half.items())
     assert {p.name for p in tmp_path.glob("*.png")} == {
         "frontier.png", "frontier_accuracy.png", "frontier_loss.png"}
 
@@ -106,7 +110,7 @@ def test_quick_frontier_on_the_sequence_task_targets_validation_loss(tmp_path):
     # only the ablation asked for: its runs, figures and plots; the others nowhere
     assert r["arms"] == ["plain", "hardbatch", "uniform"] and list(r["ablations"]) == ["uniform"]
     assert {run["arm"] for run in r["runs"]} == {"plain", "hardbatch", "uniform"}
-    assert all("filter_only_time_s" not in t and "uniform_time_s" in t for t in r["targets"])
+    assert all("half_time_s" not in t and "uniform_time_s" in t for t in r["targets"])
 
 
 @pytest.mark.slow

@@ -58,17 +58,19 @@ def test_budgets_are_passes_over_the_data_whatever_an_arm_plans_per_epoch():
 
     from hardbatch.trainer.distributed import JobConfig
 
-    from benchmarks.frontier import ABLATIONS, Scale, arm_jobs, schedule
+    from benchmarks.frontier import Scale, arm_jobs, schedule
 
-    base = dataclasses.replace(JobConfig(), plan_fraction=0.5, beta=0.0, cost_model=False)
+    base = dataclasses.replace(JobConfig(), plan_fraction=1.0, cost_model=False)
     arms = arm_jobs(base)
     plan = schedule(arms, Scale(100, 8, 10, (2, 4), (4,), 4), [0], ["fp32"])
     got = {(p["arm"], p["passes"]): p["epochs"] for p in plan}
-    # plain: epochs = passes; plans over half the data: twice the epochs for the same passes
+    # epochs = passes for plans over all the data; over half of it, twice the epochs
     assert got[("plain", 2)] == 2 and got[("plain", 4)] == 4
-    assert got[("hardbatch", 4)] == 8 and got[("uniform", 4)] == 8
-    assert got[("filter_only", 4)] == 4  # plans over all the data
-    assert got[("cost_model", 4)] == 8
-    assert ("no_weights", 4) not in got  # beta=0 is this default: it shares its runs
-    assert set(ABLATIONS) >= {arm for arm, _ in got if arm not in ("plain", "hardbatch")}
+    assert got[("hardbatch", 4)] == 4 and got[("uniform", 4)] == 4
+    assert got[("cost_model", 4)] == 4
+    assert got[("half", 4)] == 8 and got[("half_weighted", 4)] == 8
     assert all(p["config"].endswith(f"/{p['epochs']}ep") for p in plan)
+    # an ablation equal to the default shares its runs
+    same = arm_jobs(dataclasses.replace(base, plan_fraction=0.5, beta=0.0))
+    assert not any(p["arm"] == "half" for p in schedule(same, Scale(100, 8, 10, (2,), (4,), 4),
+                                                          [0], ["fp32"]))
