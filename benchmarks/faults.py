@@ -32,13 +32,12 @@ from typing import Any
 
 import httpx
 import numpy as np
-import psutil
 from hardbatch.sampler.records import pack
 from hardbatch.services.materializer import Materializer
 from hardbatch.services.redis_server import EmbeddedRedis, free_port
 from hardbatch.services.store import LossStore
 from hardbatch.trainer.distributed import JobConfig
-from hardbatch.trainer.driver import TOKEN_ENV, ray_init
+from hardbatch.trainer.driver import TOKEN_ENV, ray_init, train_worker_pids
 from hardbatch.trainer.launch import launch
 from hardbatch.trainer.plan_source import batches_per_round
 
@@ -82,17 +81,6 @@ class Service:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 self.kill()
-
-
-def train_worker_pids() -> list[int]:
-    """Ray Train workers of this process's Ray cluster (its raylet is our child; other Ray
-    clusters may run on the machine at the same time)."""
-    pids = []
-    for p in psutil.Process().children(recursive=True):
-        with contextlib.suppress(psutil.Error):
-            if "RayTrainWorker" in " ".join(p.cmdline()):
-                pids.append(p.pid)
-    return pids
 
 
 def _redis_restart(server: EmbeddedRedis, service: Service) -> None:

@@ -259,7 +259,7 @@ def analyze(runs: list[dict[str, Any]], metric: str, arms: dict[str, JobConfig])
         curves[r["arm"]].setdefault(r["config"], []).append(r["evals"])
         kept.setdefault(r["config"], []).append(r["epoch_metrics"][-1]["samp_perc"])
         meta[r["config"]] = {k: r[k] for k in ("arm", "precision", "epochs", "passes")}
-    for arm in names[2:]:
+    for arm in (a for a in ABLATIONS if a in arms):
         if arms[arm] == arms["hardbatch"]:  # the same config: it shares the default's runs
             curves[arm] = curves["hardbatch"]
     plain_best = st.best_config(curves["plain"], metric)

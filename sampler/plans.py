@@ -58,7 +58,8 @@ class PlanConfig:
         beta: Importance-weight exponent in [0, 1]; 1 (the default) makes the weighted
             gradient unbiased, 0 gives all weights 1, a plain hard bias: slightly better on
             clean data, but on noisy labels it over-samples the mislabeled samples the noise
-            guard has not flagged yet (measured: README, the frontier's `no_weights` ablation).
+            guard has not flagged yet (measured: README, the frontier's `half` and
+            `half_weighted` ablations).
         anneal_frac: Fraction of `total_rounds` at the end that is sampled uniformly (InfoBatch
             uses 0.125). 0 turns annealing off.
         total_rounds: Rounds in the whole training run; needed when `anneal_frac > 0`.

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 from hardbatch.sampler.plans import PlanConfig
 from hardbatch.trainer.worker import WorkerConfig
 
@@ -69,6 +70,17 @@ def local_service(redis_url: str, host: str = "127.0.0.1", port: int = 0) -> Ite
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def train_worker_pids() -> list[int]:
+    """Ray Train workers of this process's Ray cluster (its raylet is our child; other Ray
+    clusters may run on the machine at the same time)."""
+    pids = []
+    for p in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "RayTrainWorker" in " ".join(p.cmdline()):
+                pids.append(p.pid)
+    return pids
 
 
 def ray_init(address: str = "") -> bool:

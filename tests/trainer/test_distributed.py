@@ -10,11 +10,9 @@ from pathlib import Path
 
 import pytest
 from hardbatch.trainer.distributed import JobConfig
-from hardbatch.trainer.driver import ray_init
+from hardbatch.trainer.driver import ray_init, train_worker_pids
 from hardbatch.trainer.launch import JobResult, launch
 from hardbatch.trainer.plan_source import batches_per_round
-
-from benchmarks.faults import train_worker_pids
 
 pytestmark = pytest.mark.slow
 
