@@ -108,6 +108,10 @@ class RunDetail(BaseModel):
     applied_records: int | None = Field(
         default=None, description="Records in this service's table."
     )
+    priorities_records: int | None = Field(
+        default=None, description="Records the plan priorities were last rebuilt from (every "
+        "refresh_s): a round composed now leans on these, not on later records."
+    )
     seen_samples: int | None = None
     kept_fraction: float | None = Field(default=None, description="Share of scored records kept.")
     ingest_rate: float | None = Field(

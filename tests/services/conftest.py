@@ -147,7 +147,8 @@ def filled(store: LossStore, service: Service) -> tuple[str, HardnessTable]:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         info = httpx.get(f"{service.url}/v1/runs/demo").json()
-        if info.get("applied_records") == table.applied:
+        # Rounds lean on the priorities of the last refresh: wait until they cover the table.
+        if info.get("applied_records") == info.get("priorities_records") == table.applied:
             break
         time.sleep(0.1)
     return "demo", table

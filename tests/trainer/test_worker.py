@@ -3,6 +3,8 @@ reporting, state, and the plans of a real service behind it."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -188,12 +190,11 @@ def test_importance_weights_of_the_plan_scale_each_kept_loss(redis_url):
         rep.report(np.arange(n), np.linspace(0.01, 3.0, n, dtype=np.float32),
                    np.ones(n, dtype=bool), 1, 0)
         assert rep.close(30).ok
-        deadline = 50
-        while d.info().get("lag_records", 1) > 0 and deadline:
-            import time
-
-            time.sleep(0.2)
-            deadline -= 1
+        # Rounds lean on the priorities of the last refresh, not on the table: wait for both.
+        deadline = time.monotonic() + 30
+        while (d.info().get("priorities_records") or 0) < n:
+            assert time.monotonic() < deadline, d.info()
+            time.sleep(0.1)
         assert d.worker_config["importance_weights"]
         with Worker(d.worker_config, data(n), batch_size=bs) as hb:
             ids, (x, _) = next(iter(hb.batches(0)))

@@ -55,6 +55,8 @@ def get_run(run: RunName, state: State) -> RunDetail:
         try:
             s = r.refresh_stats()
             detail.applied_records = r.version()
+            if r.priorities is not None:
+                detail.priorities_records = r.priorities.version
             detail.seen_samples = s.seen_samples
             detail.kept_fraction = s.kept_fraction
             detail.ingest_rate = s.ingest_rate
