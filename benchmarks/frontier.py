@@ -9,6 +9,9 @@ trace theirs: `uniform` is the same with uniform plans of the same size (`alpha=
 the same with plans over half the data, hard-biased, without importance weights
 (`plan_fraction=0.5, beta=0`: the service decides which half is scored and trained at all),
 `half_weighted` the same with the importance weights that make the plans unbiased (`beta=1`),
+`half_uniform` uniform plans over half the data (what the hard bias is measured against),
+`half_uncertain` half plans that rank by uncertainty instead of loss (`priority="uncertain"`:
+confidently wrong samples, often flipped labels, rank low),
 `cost_model` the same with the runtime cost model on (`cost_model=True`: full steps where
 scoring does not pay).
 An ablation identical to the default is not trained again: it shares the default's runs, and
@@ -46,6 +49,10 @@ from benchmarks.frontier_runners import LocalRunner, RayRunner
 ABLATIONS: dict[str, dict[str, Any]] = {"uniform": {"alpha": 0.0},
                                         "half": {"plan_fraction": 0.5, "beta": 0.0},
                                         "half_weighted": {"plan_fraction": 0.5, "beta": 1.0},
+                                        "half_uniform": {"plan_fraction": 0.5, "beta": 0.0,
+                                                         "alpha": 0.0},
+                                        "half_uncertain": {"plan_fraction": 0.5, "beta": 0.0,
+                                                           "priority": "uncertain"},
                                         "cost_model": {"cost_model": True}}
 ARMS = ("plain", "hardbatch", *ABLATIONS)
 # The service's default cap on one listing (Settings.max_limit): precision is measured on the

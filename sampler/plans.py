@@ -44,6 +44,8 @@ from hardbatch.sampler.hardness import SuspectRule
 
 #: Hardness fields a plan can be biased by.
 HARDNESS_FIELDS = ("ema", "last_loss")
+#: How hardness becomes priority (see `PlanConfig.priority`).
+PRIORITIES = ("loss", "uncertain")
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,12 @@ class PlanConfig:
             uses 0.125). 0 turns annealing off.
         total_rounds: Rounds in the whole training run; needed when `anneal_frac > 0`.
         hardness: Which table field is the hardness: "ema" (current hardness) or "last_loss".
+        priority: How hardness h becomes priority before the power `alpha`: "loss" (h itself:
+            the hardest first) or "uncertain" (`e^-h (1 - e^-h)`: for a cross-entropy loss,
+            `p (1 - p)` with p the probability of the label, Active Bias's uncertainty). With
+            "uncertain" a sample the model gets confidently wrong (h >> ln 2, often a flipped
+            label) ranks as low as one it gets right, so hard-biased plans do not over-sample
+            the label errors the noise guard has not flagged yet.
         strata: Priority bins a round is stratified into (more: closer to the exact target).
         suspect_scorings: Scorings before a sample can be a suspected label error.
         suspect_factor: A sample whose hardness and last loss stay above this many times the
@@ -80,6 +88,7 @@ class PlanConfig:
     anneal_frac: float = 0.0
     total_rounds: int | None = None
     hardness: str = "ema"
+    priority: str = "loss"
     strata: int = 16
     suspect_scorings: int = 4
     suspect_factor: float = 4.0
@@ -102,6 +111,8 @@ class PlanConfig:
             raise ValueError("anneal_frac > 0 needs total_rounds")
         if self.hardness not in HARDNESS_FIELDS:
             raise ValueError(f"hardness must be one of {HARDNESS_FIELDS}, got {self.hardness!r}")
+        if self.priority not in PRIORITIES:
+            raise ValueError(f"priority must be one of {PRIORITIES}, got {self.priority!r}")
         if not 1 <= self.strata <= 256:
             raise ValueError(f"strata must be in [1, 256], got {self.strata}")
         if self.suspect_scorings < 1:
@@ -204,6 +215,11 @@ class PrioritySnapshot:
         usable = eligible & finite
         h_max = float(np.max(h, where=usable, initial=0.0))
         np.copyto(h, np.float32(h_max), where=~finite)
+        if config.priority == "uncertain":
+            # p (1 - p) with p = e^-h; a blown-up loss (h = h_max) counts as confidently wrong.
+            p_label = np.exp(-h)
+            h = p_label * (1.0 - p_label)
+            h_max = float(np.max(h, where=usable, initial=0.0))
         ids = np.flatnonzero(eligible)
         strata = config.strata
         if config.alpha == 0.0 or len(ids) == 0:

@@ -528,7 +528,7 @@ def plan_config_to_strings(cfg: PlanConfig) -> dict[str, str]:
         "alpha": repr(cfg.alpha), "lam": repr(cfg.lam), "eps": repr(cfg.eps),
         "beta": repr(cfg.beta), "anneal_frac": repr(cfg.anneal_frac),
         "total_rounds": "" if cfg.total_rounds is None else str(cfg.total_rounds),
-        "hardness": cfg.hardness, "strata": str(cfg.strata),
+        "hardness": cfg.hardness, "priority": cfg.priority, "strata": str(cfg.strata),
         "suspect_scorings": str(cfg.suspect_scorings),
         "suspect_factor": repr(cfg.suspect_factor), "suspect_floor": repr(cfg.suspect_floor),
     }
@@ -541,7 +541,8 @@ def plan_config_from_strings(d: dict[str, Any]) -> PlanConfig:
         alpha=float(d["alpha"]), lam=float(d["lam"]), eps=float(d["eps"]),
         beta=float(d["beta"]), anneal_frac=float(d["anneal_frac"]),
         total_rounds=int(d["total_rounds"]) if d.get("total_rounds") else None,
-        hardness=d["hardness"], strata=int(d.get("strata", default.strata)),
+        hardness=d["hardness"], priority=d.get("priority", default.priority),
+        strata=int(d.get("strata", default.strata)),
         suspect_scorings=int(d.get("suspect_scorings", default.suspect_scorings)),
         suspect_factor=float(d.get("suspect_factor", default.suspect_factor)),
         suspect_floor=float(d.get("suspect_floor", default.suspect_floor)),

@@ -47,6 +47,9 @@ class JobConfig(TrainConfig):
                 "MNIST-1D and far worse with flipped labels: see the README's frontier."})
     alpha: float = field(default=1.0, metadata={
         "help": "Plan priority exponent on hardness, in [0, 16] (0: uniform)."})
+    priority: str = field(default="loss", metadata={
+        "help": "How the plans rank samples: loss (the hardest first) or uncertain (p (1 - p) "
+                "with p = exp(-loss): confidently wrong samples, often label errors, rank low)."})
     lam: float = field(default=0.1, metadata={
         "help": "Uniform floor of the plan distribution, so no sample starves."})
     beta: float = field(default=1.0, metadata={
@@ -84,7 +87,7 @@ class JobConfig(TrainConfig):
 
     def plan_config(self) -> PlanConfig:
         """How the service's plans lean toward hard samples."""
-        return PlanConfig(alpha=self.alpha, lam=self.lam, beta=self.beta,
+        return PlanConfig(alpha=self.alpha, lam=self.lam, beta=self.beta, priority=self.priority,
                           anneal_frac=self.anneal_frac, total_rounds=self.epochs)
 
     def worker_config(self, **overrides: Any) -> WorkerConfig:

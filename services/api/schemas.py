@@ -67,6 +67,9 @@ class PlanConfigModel(BaseModel):
         default=None, description="Rounds in the run; needed for annealing."
     )
     hardness: HardnessField = Field(default="ema", description="Table field used as hardness.")
+    priority: Literal["loss", "uncertain"] = Field(
+        default="loss", description="loss: the hardest first; uncertain: p (1 - p) with "
+        "p = exp(-hardness), so confidently wrong samples (often label errors) rank low.")
     strata: JsonInt = Field(default=_PLAN.strata, ge=1, le=256,
                             description="Priority bins a round is stratified into.")
     suspect_scorings: JsonInt = Field(
@@ -88,6 +91,7 @@ class PlanConfigModel(BaseModel):
         return cls(alpha=cfg.alpha, lam=cfg.lam, eps=cfg.eps, beta=cfg.beta,
                    anneal_frac=cfg.anneal_frac, total_rounds=cfg.total_rounds,
                    hardness=cfg.hardness, strata=cfg.strata,  # type: ignore[arg-type]
+                   priority=cfg.priority,  # type: ignore[arg-type]
                    suspect_scorings=cfg.suspect_scorings, suspect_factor=cfg.suspect_factor,
                    suspect_floor=cfg.suspect_floor)
 

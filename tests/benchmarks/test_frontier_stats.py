@@ -69,6 +69,7 @@ def test_budgets_are_passes_over_the_data_whatever_an_arm_plans_per_epoch():
     assert got[("hardbatch", 4)] == 4 and got[("uniform", 4)] == 4
     assert got[("cost_model", 4)] == 4
     assert got[("half", 4)] == 8 and got[("half_weighted", 4)] == 8
+    assert got[("half_uniform", 4)] == 8 and got[("half_uncertain", 4)] == 8
     assert all(p["config"].endswith(f"/{p['epochs']}ep") for p in plan)
     # an ablation equal to the default shares its runs
     same = arm_jobs(dataclasses.replace(base, plan_fraction=0.5, beta=0.0))

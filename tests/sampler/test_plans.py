@@ -89,6 +89,27 @@ def test_strata_follow_priority_and_allocation_caps_at_one():
     assert snap.allocate(5000).sum() == pytest.approx(1000) and np.all(snap.allocate(0) == 0)
 
 
+def test_uncertain_priority_ranks_confidently_wrong_as_low_as_learned():
+    # Cross-entropy losses: learned (p = 0.99), uncertain (p = 0.5), confidently wrong (0.01).
+    h = np.repeat(-np.log([0.99, 0.5, 0.01]).astype(np.float32), 300)
+    wrong, middle = set(range(600, 900)), set(range(300, 600))
+
+    def share(snap, ids):
+        counts = snap.allocate(300)
+        of = {s: set(snap.stratum(s).tolist()) for s in range(8)}
+        return sum(counts[s] for s in range(8) if of[s] and of[s] <= ids) / 300
+
+    by_loss = _snapshot(h, alpha=1.0, lam=0.0, eps=1e-9, strata=8)
+    unc = _snapshot(h, alpha=1.0, lam=0.0, eps=1e-9, strata=8, priority="uncertain")
+    # Loss priority: shares follow the loss, the wrong ones take most of the round.
+    assert share(by_loss, wrong) == pytest.approx(4.605 / (0.01005 + 0.6931 + 4.605), rel=1e-3)
+    # Uncertain: p (1 - p) is 0.25 in the middle and 0.0099 at both ends.
+    assert share(unc, middle) == pytest.approx(0.25 / (0.25 + 2 * 0.0099), rel=1e-3)
+    learned = set(range(300))
+    assert share(unc, wrong | learned) == pytest.approx(2 * 0.0099 / (0.25 + 2 * 0.0099), rel=1e-3)
+    assert any(set(unc.stratum(s).tolist()) == wrong | learned for s in range(8))
+
+
 def test_allocation_is_proportional_to_the_target_below_the_cap():
     h = np.concatenate([np.full(500, 1.0), np.full(500, 2.0)])
     snap = _snapshot(h, alpha=1.0, lam=0.0, eps=1e-9, strata=2)
@@ -238,7 +259,7 @@ def test_bad_hardness_values_get_a_policy():
         {"beta": 2.0}, {"anneal_frac": 0.5}, {"anneal_frac": 1.5, "total_rounds": 4},
         {"total_rounds": 0}, {"hardness": "loss"}, {"strata": 0}, {"strata": 257},
         {"suspect_scorings": 0}, {"suspect_factor": -1.0}, {"suspect_factor": float("inf")},
-        {"suspect_floor": float("inf")},
+        {"suspect_floor": float("inf")}, {"priority": "hard"},
     ],
 )
 def test_bad_config_raises(cfg):

@@ -125,11 +125,14 @@ def test_plan_config_change_reaches_every_replica(redis_url: str, fill) -> None:
         b.wait_ready(runs=("cfg",))
         assert httpx.get(f"{b.url}/v1/runs/cfg/plan-config").json()["alpha"] == 1.0
         r = httpx.put(f"{a.url}/v1/runs/cfg/plan-config", headers=a.auth,
-                      json={"alpha": 3.0, "lam": 0.5})
+                      json={"alpha": 3.0, "lam": 0.5, "priority": "uncertain"})
         assert r.status_code == 200, r.text
+        bad = httpx.put(f"{a.url}/v1/runs/cfg/plan-config", headers=a.auth,
+                        json={"priority": "hardest"})
+        assert bad.status_code == 422 and "priority" in bad.text
         # Read through: the other replica answers with the new config at once.
         got = httpx.get(f"{b.url}/v1/runs/cfg/plan-config").json()
-        assert got["alpha"] == 3.0 and got["lam"] == 0.5
+        assert got["alpha"] == 3.0 and got["lam"] == 0.5 and got["priority"] == "uncertain"
         # And composes with it: the round B composes equals the round A would compose.
         body = {"rank": 0, "world_size": 1, "round": 0, "batches": 2, "batch_size": 50,
                 "with_weights": True}
