@@ -355,7 +355,10 @@ class HardnessTable:
 class SuspectRule:
     """When a sample counts as a suspected label error (the noise guard).
 
-    A sample is suspect when it was scored at least `min_scorings` times and both its current
+    A sample is suspect when it was scored at least `min_scorings` times, or last scored in
+    round `min_scorings` or later (the model had that many rounds to learn it; plans over part
+    of the data score a sample less often than once a round, and a flipped label they draw
+    would otherwise be trained on until it is scored enough), and both its current
     hardness (`ema`, which mostly remembers its last two or three scorings) and its last loss
     are above `factor` times the run's reference level (the median current hardness of the
     scored samples): its loss stayed far above where most samples are, scoring after scoring.
@@ -396,12 +399,14 @@ class SuspectRule:
         return max(self.factor * max(reference, 0.0), self.floor)
 
     def mask(self, seen: np.ndarray, ema: np.ndarray, last_loss: np.ndarray,
-             threshold: float) -> np.ndarray:
+             threshold: float, last_round: np.ndarray) -> np.ndarray:
         """Bool mask of suspects from the table's arrays (any matching shapes) and
         `threshold(reference)`."""
         t = np.float32(threshold)
-        return ((np.asarray(seen) >= self.min_scorings) & (np.asarray(ema) > t)
-                & (np.asarray(last_loss) > t))
+        seen = np.asarray(seen)
+        evidence = (seen >= self.min_scorings) | ((seen > 0)
+                                                  & (np.asarray(last_round) >= self.min_scorings))
+        return evidence & (np.asarray(ema) > t) & (np.asarray(last_loss) > t)
 
 
 def suspect_reference(ema: np.ndarray, seen: np.ndarray) -> float:

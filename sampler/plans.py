@@ -73,7 +73,8 @@ class PlanConfig:
             label) ranks as low as one it gets right, so hard-biased plans do not over-sample
             the label errors the noise guard has not flagged yet.
         strata: Priority bins a round is stratified into (more: closer to the exact target).
-        suspect_scorings: Scorings before a sample can be a suspected label error.
+        suspect_scorings: Scorings before a sample can be a suspected label error (or the round
+            of its last scoring, whichever comes first: see `hardness.SuspectRule`).
         suspect_factor: A sample whose hardness and last loss stay above this many times the
             run's median hardness (and above `suspect_floor`) is suspect (see
             `hardness.SuspectRule`); 0 turns the noise guard off.

@@ -222,12 +222,13 @@ class LiveRun:
                 last_loss = m.table.last_loss.copy()
                 hardness = ema if cfg.hardness == "ema" else last_loss
                 seen = m.table.seen.copy()
+                last_round = m.table.last_round.copy()
                 version = m.table.applied
             rule = cfg.suspect_rule()
             suspect = None
             if rule is not None:
                 self.suspect_threshold = rule.threshold(suspect_reference(ema, seen))
-                suspect = rule.mask(seen, ema, last_loss, self.suspect_threshold)
+                suspect = rule.mask(seen, ema, last_loss, self.suspect_threshold, last_round)
             else:
                 self.suspect_threshold = None
             snap = PrioritySnapshot.build(hardness, seen, cfg, version=version, suspect=suspect)

@@ -74,7 +74,7 @@ class PlanConfigModel(BaseModel):
                             description="Priority bins a round is stratified into.")
     suspect_scorings: JsonInt = Field(
         default=_PLAN.suspect_scorings, ge=1, le=2**32 - 1,
-        description="Scorings before a sample can be a suspected label error.")
+        description="Scorings (or rounds) before a sample can be a suspected label error.")
     suspect_factor: float = Field(
         default=_PLAN.suspect_factor, ge=0.0, le=1e6,
         description="Suspect when hardness and last loss stay above this many times the "
@@ -159,8 +159,9 @@ class SuspectList(BaseModel):
     total: int = Field(description="Suspects in the run (the list holds at most `limit`).")
     threshold: float | None = Field(
         default=None, description="Level above which the hardness and last loss of a sample "
-                                  "scored at least min_scorings times make it suspect; null "
-                                  "when the guard is off.")
+                                  "scored at least min_scorings times (or last scored in round "
+                                  "min_scorings or later) make it suspect; null when the guard "
+                                  "is off.")
     min_scorings: int | None = None
     samples: list[Sample]
 

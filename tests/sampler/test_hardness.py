@@ -76,7 +76,13 @@ def test_suspect_rule() -> None:
     assert SuspectRule(floor=0.0).threshold(0.001) == pytest.approx(0.004)
     assert SuspectRule().threshold(0.001) == pytest.approx(2.3)  # the default: label < ~10%
     # High, but: below in ema / too few scorings / low / unseen / fell at the last scoring.
-    assert rule.mask(seen, ema, last, thr).tolist() == [True, False, False, False, False, False]
+    rounds = np.array([2, 2, 2, 4, 0, 3])
+    assert (rule.mask(seen, ema, last, thr, rounds).tolist()
+            == [True, False, False, False, False, False])
+    # Scored fewer times, but late in training (plans over part of the data): evidence enough.
+    late = np.array([2, 2, 3, 4, 3, 3])
+    assert (rule.mask(seen, ema, last, thr, late).tolist()
+            == [True, False, True, False, False, False])
     h = np.array([0.5, 0.1, 0.9, 7.0, 100.0], dtype=np.float32)
     assert suspect_reference(h, seen[:5]) == pytest.approx(0.7)  # median over the four seen
     assert suspect_reference(h, np.zeros(5)) == 0.0

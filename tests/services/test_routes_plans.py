@@ -73,7 +73,7 @@ def test_round_is_reproducible_from_seed_round_world(service, filled):
     threshold = rule.threshold(suspect_reference(table.ema, table.seen))
     snap = PrioritySnapshot.build(table.ema, table.seen, cfg,
                                   suspect=rule.mask(table.seen, table.ema, table.last_loss,
-                                                    threshold))
+                                                    threshold, table.last_round))
     local = compose_round(snap, seed=run_seed(run), round_=11, world_size=2, batches=3,
                           batch_size=800)
     assert np.array_equal(np.array([p["ids"] for p in parts]), local.ids)

@@ -143,7 +143,7 @@ def test_suspects_listing_and_flag(service, store):
     assert rule is not None
     threshold = rule.threshold(suspect_reference(table.ema, table.seen))
     expected = set(np.flatnonzero(
-        rule.mask(table.seen, table.ema, table.last_loss, threshold)).tolist())
+        rule.mask(table.seen, table.ema, table.last_loss, threshold, table.last_round)).tolist())
     assert expected == truth  # the fixture really has the intended suspects
     body = _settled_suspects(service, "noisy", 100, len(truth))
     assert body["total"] == 50 and body["min_scorings"] == rule.min_scorings

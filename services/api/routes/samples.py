@@ -29,7 +29,8 @@ def _sample(table: HardnessTable, i: int, guard: tuple[SuspectRule, float] | Non
     if seen == 0:
         return Sample(id=i, seen=0, kept=int(table.kept[i]))
     suspect = guard is not None and bool(
-        guard[0].mask(table.seen[i], table.ema[i], table.last_loss[i], guard[1]))
+        guard[0].mask(table.seen[i], table.ema[i], table.last_loss[i], guard[1],
+                      table.last_round[i]))
     return Sample(id=i, seen=seen, kept=int(table.kept[i]), last_loss=float(table.last_loss[i]),
                   ema=float(table.ema[i]), last_step=int(table.last_step[i]),
                   last_round=int(table.last_round[i]), suspect=suspect)
@@ -87,7 +88,8 @@ def suspects(
     state: State,
     limit: Annotated[int, Query(ge=1, description="How many (at most max_limit).")] = 20,
 ) -> SuspectList:
-    """Suspected label errors: samples scored at least `min_scorings` times whose current
+    """Suspected label errors: samples scored at least `min_scorings` times (or last scored in
+    round `min_scorings` or later) whose current
     hardness and last loss stay above the run's threshold (a multiple of its median hardness),
     hardest first.
 
@@ -102,7 +104,8 @@ def suspects(
         return SuspectList(run=run, total=0, samples=[])
     rule, threshold = guard
     with m.view() as table:
-        flagged = np.flatnonzero(rule.mask(table.seen, table.ema, table.last_loss, threshold))
+        flagged = np.flatnonzero(rule.mask(table.seen, table.ema, table.last_loss, threshold,
+                                           table.last_round))
         key = -table.ema[flagged]
         k = min(limit, len(flagged))
         top = np.argpartition(key, k - 1)[:k] if k else np.empty(0, dtype=np.int64)
