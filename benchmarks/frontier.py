@@ -108,7 +108,9 @@ def plain_precisions(device: torch.device) -> tuple[list[str], str]:
 
 def arm_jobs(base: JobConfig) -> dict[str, JobConfig]:
     """Every arm, from hardbatch's defaults; each ablation overrides only what it ablates."""
-    return {"plain": dataclasses.replace(base, plans="local", filter=False), "hardbatch": base,
+    # Plain trains every example of every pass: its epochs are passes.
+    plain = dataclasses.replace(base, plans="local", filter=False, plan_fraction=1.0)
+    return {"plain": plain, "hardbatch": base,
             **{arm: dataclasses.replace(base, **o) for arm, o in ABLATIONS.items()}}
 
 

@@ -69,6 +69,7 @@ def test_budgets_are_passes_over_the_data_whatever_an_arm_plans_per_epoch():
     assert got[("hardbatch", 4)] == 8 and got[("uniform", 4)] == 8
     assert got[("cost_model", 4)] == 8 and got[("weighted", 4)] == 8
     assert got[("all_data", 4)] == 4
+    assert arms["plain"].plan_fraction == 1.0 and not arms["plain"].filter
     assert all(p["config"].endswith(f"/{p['epochs']}ep") for p in plan)
     # an ablation equal to the default shares its runs
     same = arm_jobs(dataclasses.replace(base, beta=1.0))
