@@ -5,12 +5,15 @@ Plain training at several epoch budgets, each in fp32 and in mixed precision for
 step (bf16 autocast, or fp16 with a scaler on GPUs without bf16) where the hardware runs it
 fast, traces the plain frontier: the least training time to reach each validation target.
 hardbatch in the configuration a user gets by default (`JobConfig()`), and ablations of it,
-trace theirs: `uniform` is the same with uniform plans of the same size (`alpha=0`),
-`loss_priority` the same with plans that rank the hardest first instead of the most uncertain
-(`priority="loss"`), `weighted` the same with the importance weights that make the plans
-unbiased (`beta=1`), `all_data` plans over all the data with weights, ranked by loss (the
-default before: the filter does the work, the service only orders), `cost_model` the default
-with the runtime cost model on (`cost_model=True`: full steps where scoring does not pay).
+trace theirs: `uniform` is the same with uniform plans of the same size (`alpha=0`), `half`
+the same with plans over half the data, hard-biased, without importance weights
+(`plan_fraction=0.5, beta=0`: the service decides which half is scored and trained at all),
+`half_weighted` the same with the importance weights that make the plans unbiased (`beta=1`),
+`half_uniform` uniform plans over half the data (what the hard bias is measured against),
+`half_uncertain` half plans that rank by uncertainty instead of loss (`priority="uncertain"`:
+confidently wrong samples, often flipped labels, rank low),
+`cost_model` the same with the runtime cost model on (`cost_model=True`: full steps where
+scoring does not pay).
 An ablation identical to the default is not trained again: it shares the default's runs, and
 the JSON says so.
 
@@ -44,10 +47,12 @@ from benchmarks.frontier_runners import LocalRunner, RayRunner
 
 # What each ablation changes in hardbatch's default config.
 ABLATIONS: dict[str, dict[str, Any]] = {"uniform": {"alpha": 0.0},
-                                        "loss_priority": {"priority": "loss"},
-                                        "weighted": {"beta": 1.0},
-                                        "all_data": {"plan_fraction": 1.0, "beta": 1.0,
-                                                     "priority": "loss"},
+                                        "half": {"plan_fraction": 0.5, "beta": 0.0},
+                                        "half_weighted": {"plan_fraction": 0.5, "beta": 1.0},
+                                        "half_uniform": {"plan_fraction": 0.5, "beta": 0.0,
+                                                         "alpha": 0.0},
+                                        "half_uncertain": {"plan_fraction": 0.5, "beta": 0.0,
+                                                           "priority": "uncertain"},
                                         "cost_model": {"cost_model": True}}
 ARMS = ("plain", "hardbatch", *ABLATIONS)
 # The service's default cap on one listing (Settings.max_limit): precision is measured on the

@@ -12,8 +12,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 COLORS = {"plain": "black", "hardbatch": "tab:red", "uniform": "tab:blue",
-          "loss_priority": "tab:green", "cost_model": "tab:orange", "weighted": "tab:purple",
-          "all_data": "tab:brown"}
+          "half": "tab:green", "cost_model": "tab:orange",
+          "half_weighted": "tab:purple", "half_uniform": "tab:cyan",
+          "half_uncertain": "tab:brown"}
 
 
 def drawn_arms(result: dict[str, Any]) -> dict[str, str]:

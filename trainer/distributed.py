@@ -29,8 +29,6 @@ class JobConfig(TrainConfig):
     """A distributed run. Field docs double as `hardbatch train --help`."""
 
     workers: int = field(default=2, metadata={"help": "Training workers (DDP ranks)."})
-    epochs: int = field(default=24, metadata={
-        "help": "Epochs, each over --plan-fraction of the data: 24 at 0.5 are 12 passes."})
     run: str = field(default="", metadata={"help": "Run name at the store [default: hb-<time>]."})
     address: str = field(default="", metadata={
         "help": "Ray cluster to join (auto, ray://HOST:10001); empty: start a local one."})
@@ -41,23 +39,22 @@ class JobConfig(TrainConfig):
     plans: str = field(default="service", metadata={
         "help": "Where batches come from: service (hard-biased plans, losses streamed to the "
                 "store) or local (a seeded shuffle, nothing streamed: plain DDP)."})
-    plan_fraction: float = field(default=0.5, metadata={
-        "help": "Share of the dataset each epoch's plans cover: the service picks that share, "
-                "biased toward examples still being learned (--priority), so the rest are not "
-                "even scored; --epochs counts these shorter epochs (1: every sample each "
-                "epoch, the service only orders them). Suspected label errors are never "
-                "trained on. See the README's frontier."})
+    plan_fraction: float = field(default=1.0, metadata={
+        "help": "Share of the dataset each epoch's plans cover; below 1 the service picks that "
+                "share, biased toward examples still being learned, so the well-learned are not "
+                "even scored (1: every sample, the service only orders them; suspected label "
+                "errors are never trained on). 0.5 with --beta 0 --priority uncertain stays "
+                "safe with flipped labels but was no faster than 1: see the README's frontier."})
     alpha: float = field(default=1.0, metadata={
         "help": "Plan priority exponent on hardness, in [0, 16] (0: uniform)."})
-    priority: str = field(default="uncertain", metadata={
+    priority: str = field(default="loss", metadata={
         "help": "How the plans rank samples: loss (the hardest first) or uncertain (p (1 - p) "
                 "with p = exp(-loss): confidently wrong samples, often label errors, rank low)."})
     lam: float = field(default=0.1, metadata={
         "help": "Uniform floor of the plan distribution, so no sample starves."})
-    beta: float = field(default=0.0, metadata={
-        "help": "Importance-weight exponent in [0, 1] (0: no weights, a plain bias; 1: "
-                "unbiased plans, slower on the frontier; matters only with --plan-fraction "
-                "below 1)."})
+    beta: float = field(default=1.0, metadata={
+        "help": "Importance-weight exponent in [0, 1] (1: unbiased plans, 0: no weights, a "
+                "plain hard bias; matters only with --plan-fraction below 1)."})
     anneal_frac: float = field(default=0.125, metadata={
         "help": "Share of the last epochs whose plans are uniform (InfoBatch's annealing)."})
     placement: str = field(default="PACK", metadata={

@@ -55,8 +55,8 @@ def test_quick_frontier_on_mnist1d_in_one_process(tmp_path):
     saved = json.loads((tmp_path / "frontier.json").read_text())
     assert saved["speedup_at_best"] == r["speedup_at_best"]
     check_frontier(saved, "accuracy", seeds=2)
-    assert saved["arms"] == ["plain", "hardbatch", "uniform", "loss_priority", "weighted",
-                             "all_data", "cost_model"]
+    assert saved["arms"] == ["plain", "hardbatch", "uniform", "half", "half_weighted",
+                             "half_uniform", "half_uncertain", "cost_model"]
     assert saved["workers"] == 1 and saved["task_name"] == "mnist1d"
     assert saved["plain_best_accuracy"] > 0.2  # ten classes: it learned something
     # interleaved: within a seed hardbatch runs come between plain ones, and each seed starts
@@ -70,20 +70,19 @@ def test_quick_frontier_on_mnist1d_in_one_process(tmp_path):
     d = JobConfig()
     assert saved["hardbatch_config"]["plan_fraction"] == d.plan_fraction
     assert saved["hardbatch_config"]["alpha"] == d.alpha
-    assert saved["ablations"]["weighted"]["same_as_default"] == (d.beta == 1.0)
+    assert saved["ablations"]["half"]["same_as_default"] == (d.plan_fraction == 0.5
+                                                             and d.beta == 0.0)
     hardbatch_runs = [run for run in saved["runs"] if run["arm"] == "hardbatch"]
     # (the cost model may train whole batches in an epoch; every run filters some steps)
     assert all(run["run"] and min(e["samp_perc"] for e in run["epoch_metrics"]) < 1
                for run in hardbatch_runs)
     assert saved["ablations"]["cost_model"] == {"overrides": {"cost_model": True},
                                                  "same_as_default": d.cost_model}
-    assert saved["ablations"]["all_data"]["overrides"] == {"plan_fraction": 1.0, "beta": 1.0,
-                                                           "priority": "loss"}
-    # budgets are passes: plans over half the data train twice the epochs of all-data plans
-    assert d.plan_fraction == 0.5
-    for arm, per_pass in (("hardbatch", 2), ("uniform", 2), ("all_data", 1)):
-        got = {run["passes"]: run["epochs"] for run in saved["runs"] if run["arm"] == arm}
-        assert got and all(e == per_pass * p for p, e in got.items()), arm
+    assert saved["ablations"]["half_weighted"]["overrides"] == {"plan_fraction": 0.5,
+                                                                "beta": 1.0}
+    # budgets are passes: plans over half the data train twice the epochs
+    half = {run["passes"]: run["epochs"] for run in saved["runs"] if run["arm"] == "half"}
+    assert half and all(e == 2 * p for p, e in half.items())
     assert {p.name for p in tmp_path.glob("*.png")} == {
         "frontier.png", "frontier_accuracy.png", "frontier_loss.png"}
 

@@ -60,18 +60,21 @@ def test_budgets_are_passes_over_the_data_whatever_an_arm_plans_per_epoch():
 
     from benchmarks.frontier import Scale, arm_jobs, schedule
 
-    base = dataclasses.replace(JobConfig(), plan_fraction=0.5, cost_model=False)
+    base = dataclasses.replace(JobConfig(), plan_fraction=1.0, cost_model=False)
     arms = arm_jobs(base)
     plan = schedule(arms, Scale(100, 8, 10, (2, 4), (4,), 4), [0], ["fp32"])
     got = {(p["arm"], p["passes"]): p["epochs"] for p in plan}
     # epochs = passes for plans over all the data; over half of it, twice the epochs
     assert got[("plain", 2)] == 2 and got[("plain", 4)] == 4
-    assert got[("hardbatch", 4)] == 8 and got[("uniform", 4)] == 8
-    assert got[("cost_model", 4)] == 8 and got[("weighted", 4)] == 8
-    assert got[("all_data", 4)] == 4
-    assert arms["plain"].plan_fraction == 1.0 and not arms["plain"].filter
+    assert got[("hardbatch", 4)] == 4 and got[("uniform", 4)] == 4
+    assert got[("cost_model", 4)] == 4
+    assert got[("half", 4)] == 8 and got[("half_weighted", 4)] == 8
+    assert got[("half_uniform", 4)] == 8 and got[("half_uncertain", 4)] == 8
+    # plain trains every example of every pass, whatever the default plans per epoch
+    half_default = arm_jobs(dataclasses.replace(base, plan_fraction=0.5))
+    assert half_default["plain"].plan_fraction == 1.0 and not half_default["plain"].filter
     assert all(p["config"].endswith(f"/{p['epochs']}ep") for p in plan)
     # an ablation equal to the default shares its runs
-    same = arm_jobs(dataclasses.replace(base, beta=1.0))
-    assert not any(p["arm"] == "weighted"
-                   for p in schedule(same, Scale(100, 8, 10, (2,), (4,), 4), [0], ["fp32"]))
+    same = arm_jobs(dataclasses.replace(base, plan_fraction=0.5, beta=0.0))
+    assert not any(p["arm"] == "half" for p in schedule(same, Scale(100, 8, 10, (2,), (4,), 4),
+                                                          [0], ["fp32"]))
