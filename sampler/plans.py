@@ -219,7 +219,7 @@ class PrioritySnapshot:
         if config.priority == "uncertain":
             # p (1 - p) with p = e^-h; a blown-up loss (h = h_max) counts as confidently wrong.
             p_label = np.exp(-h)
-            h = p_label * (1.0 - p_label)
+            h = (p_label * (np.float32(1.0) - p_label)).astype(np.float32, copy=False)
             h_max = float(np.max(h, where=usable, initial=0.0))
         ids = np.flatnonzero(eligible)
         strata = config.strata
