@@ -404,8 +404,8 @@ class SuspectRule:
         `threshold(reference)`."""
         t = np.float32(threshold)
         seen = np.asarray(seen)
-        evidence = (seen >= self.min_scorings) | ((seen > 0)
-                                                  & (np.asarray(last_round) >= self.min_scorings))
+        late = (seen > 0) & (np.asarray(last_round) >= self.min_scorings)
+        evidence = (seen >= self.min_scorings) | late
         return evidence & (np.asarray(ema) > t) & (np.asarray(last_loss) > t)
 
 

@@ -217,9 +217,11 @@ class PrioritySnapshot:
         h_max = float(np.max(h, where=usable, initial=0.0))
         np.copyto(h, np.float32(h_max), where=~finite)
         if config.priority == "uncertain":
-            # p (1 - p) with p = e^-h; a blown-up loss (h = h_max) counts as confidently wrong.
-            p_label = np.exp(-h)
-            h = (p_label * (np.float32(1.0) - p_label)).astype(np.float32, copy=False)
+            # p (1 - p) = p - p^2 with p = e^-h, in place (h is our copy); a blown-up loss
+            # (h = h_max) counts as confidently wrong.
+            np.negative(h, out=h)
+            np.exp(h, out=h)
+            h -= h * h
             h_max = float(np.max(h, where=usable, initial=0.0))
         ids = np.flatnonzero(eligible)
         strata = config.strata

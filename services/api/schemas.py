@@ -27,6 +27,7 @@ RoundCount = Annotated[int, Field(ge=1, le=2**53 - 1), BeforeValidator(_integral
 MAX_ROUND = 2**53 - 1
 
 HardnessField = Literal["ema", "last_loss"]
+PriorityField = Literal["loss", "uncertain"]
 _PLAN = PlanConfig()
 
 
@@ -67,7 +68,7 @@ class PlanConfigModel(BaseModel):
         default=None, description="Rounds in the run; needed for annealing."
     )
     hardness: HardnessField = Field(default="ema", description="Table field used as hardness.")
-    priority: Literal["loss", "uncertain"] = Field(
+    priority: PriorityField = Field(
         default="loss", description="loss: the hardest first; uncertain: p (1 - p) with "
         "p = exp(-hardness), so confidently wrong samples (often label errors) rank low.")
     strata: JsonInt = Field(default=_PLAN.strata, ge=1, le=256,
