@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
 import torch
 
 Nonfinite = Literal["raise", "keep"]
@@ -90,30 +91,33 @@ def select(
     if nonfinite not in ("raise", "keep"):
         raise ValueError(f"nonfinite must be 'raise' or 'keep', got {nonfinite!r}")
     losses = per_sample(losses).detach()
-    batch = losses.shape[0]
+    # On the CPU in float64 whatever the device: a few hundred numbers, where torch's per-op
+    # dispatch costs more than the work (and the caller syncs on the result anyway).
+    x = losses.to("cpu", torch.float64).numpy()
+    batch = x.shape[0]
     if batch == 0:
         raise ValueError("empty batch: there is nothing to select from")
 
-    finite = torch.isfinite(losses)
+    finite = np.isfinite(x)
     n_bad = batch - int(finite.sum())
     if n_bad and nonfinite == "raise":
         raise ValueError(
             f"{n_bad} of {batch} losses are NaN or inf; the run has likely diverged "
             "(pass nonfinite='keep' to keep and count them instead)"
         )
-    # Non-finite samples sort first (they are always kept); finite ones by loss, descending.
-    scores = torch.where(finite, losses.double(), torch.tensor(math.inf, dtype=torch.float64,
-                                                               device=losses.device))
+    # Non-finite samples sort first (they are always kept); finite ones by loss, descending,
+    # ties in batch order.
+    scores = np.where(finite, x, math.inf)
     if bool((scores < 0).any()):
         raise ValueError("losses must be >= 0 for a loss share to mean anything")
-    order = torch.argsort(scores, descending=True, stable=True)
+    order = np.argsort(-scores, kind="stable")
     finite_sorted = scores[order][n_bad:]
 
     k_min = max(math.ceil(batch * min_samples_perc - 1e-9), 1)
-    if finite_sorted.numel() == 0:
+    if finite_sorted.size == 0:
         k, share = max(k_min, n_bad), 1.0
     else:
-        cum = torch.cumsum(finite_sorted, dim=0)
+        cum = np.cumsum(finite_sorted)
         total = cum[-1]
         if float(total) <= 0.0:
             k_loss, shares = 1, None
@@ -121,12 +125,12 @@ def select(
             # Dividing by cum[-1] makes the last share exactly 1.0, so a threshold of 1.0 is
             # always reached despite rounding.
             shares = cum / total
-            target = torch.tensor([min_loss_perc], dtype=torch.float64, device=shares.device)
-            k_loss = int(torch.searchsorted(shares, target)) + 1
+            k_loss = int(np.searchsorted(shares, min_loss_perc, side="left")) + 1
         k = min(max(n_bad + k_loss, k_min), batch)
         n_fin_kept = k - n_bad
         share = 1.0 if shares is None or n_fin_kept == 0 else float(shares[n_fin_kept - 1])
-    return Selection(indices=order[:k], samp_perc=k / batch, loss_perc=share, nonfinite=n_bad)
+    indices = torch.from_numpy(order[:k].astype(np.int64)).to(losses.device)
+    return Selection(indices=indices, samp_perc=k / batch, loss_perc=share, nonfinite=n_bad)
 
 
 @dataclass

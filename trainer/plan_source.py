@@ -133,24 +133,27 @@ class Round(list[torch.Tensor]):
     def __init__(self, batches: list[torch.Tensor], weights: list[torch.Tensor] | None = None,
                  at: int = -1, hook: Callable[[], None] | None = None) -> None:
         super().__init__(batches)
-        self.weights = weights
+        # Weights all 1 (plans over all the data, no suspects) change nothing: none to apply.
+        ones = weights is not None and all(bool((w == 1).all()) for w in weights)
+        self.weights = None if ones else weights
         self._at, self._hook = at, hook
-        self._index: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._index: torch.Tensor | None = None  # weight by id, NaN where not planned
 
     def weights_of(self, ids: torch.Tensor) -> torch.Tensor | None:
         """The importance weights of `ids` (ids of this round), or None if it has none."""
         if self.weights is None:
             return None
-        if self._index is None:  # sorted once per round: a lookup is then a binary search
-            all_ids = torch.cat(list(super().__iter__()))
-            order = all_ids.argsort()
-            self._index = all_ids[order], torch.cat(self.weights)[order]
-        keys, values = self._index
+        if self._index is None:  # once per round: a lookup is then one gather
+            all_ids, weights = torch.cat(list(super().__iter__())), torch.cat(self.weights)
+            self._index = torch.full((int(all_ids.max()) + 1,), math.nan)
+            self._index[all_ids] = weights.float()
         ids = ids.cpu()
-        pos = torch.searchsorted(keys, ids).clamp(max=len(keys) - 1)
-        if not torch.equal(keys[pos], ids):
+        if len(ids) and not (int(ids.min()) >= 0 and int(ids.max()) < len(self._index)):
             raise ValueError("these ids are not in the current round's plan")
-        return values[pos]
+        w = self._index[ids]
+        if bool(w.isnan().any()):
+            raise ValueError("these ids are not in the current round's plan")
+        return w
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         for i, batch in enumerate(super().__iter__()):

@@ -9,7 +9,7 @@ import torch
 from hardbatch.services.client import SamplerClient, SamplerError
 from hardbatch.services.store import LossStore
 from hardbatch.trainer.driver import local_service
-from hardbatch.trainer.plan_source import RoundPlans, batches_per_round, shard_plan
+from hardbatch.trainer.plan_source import Round, RoundPlans, batches_per_round, shard_plan
 
 
 def test_batches_per_round_is_equal_for_every_rank_and_at_least_one():
@@ -91,3 +91,17 @@ def test_a_4xx_is_a_mistake_that_raises_not_an_outage(redis_url):
             plans(0, 2000)
         assert err.value.status == 404 and plans.fallback_rounds == 0
         plans.close()
+
+
+def test_a_round_looks_up_weights_by_id_and_refuses_ids_it_did_not_plan():
+    rnd = Round([torch.tensor([5, 2]), torch.tensor([9, 0])],
+                [torch.tensor([0.5, 2.0]), torch.tensor([0.0, 1.5])])
+    assert rnd.weights_of(torch.tensor([0, 5, 9])).tolist() == [1.5, 0.5, 0.0]
+    for bad in ([1], [10], [-1], [2, 3]):
+        with pytest.raises(ValueError, match="not in the current round"):
+            rnd.weights_of(torch.tensor(bad))
+
+
+def test_a_round_whose_weights_are_all_one_applies_none():
+    rnd = Round([torch.tensor([3, 1])], [torch.ones(2)])
+    assert rnd.weights is None and rnd.weights_of(torch.tensor([1])) is None
