@@ -60,7 +60,7 @@ class Runner(contextlib.ExitStack):
 
 
 class LocalRunner(Runner):
-    """One process: the training loop here, the service in a thread of this process."""
+    """One training process: the loop here, the service in a child process."""
 
     def train(self, job: JobConfig, num_samples: int) -> tuple[RunResult, str | None]:
         from hardbatch.trainer.driver import Driver
