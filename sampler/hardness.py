@@ -376,15 +376,25 @@ class SuspectRule:
     0.0220. With 20% flipped labels it listed 9,878 at precision 0.997, recall 0.985 (floor
     1.0: 10,101 at 0.994 / 0.994), with the same final accuracy.
 
+    The guard engages only when at least `min_share` of the scored samples match: a few
+    matches are hard correct samples as often as label errors, and flagging them is
+    self-confirming (never trained, they stay high). On the clean tabular task (a curved
+    boundary the MLP keeps missing in places) floor 2.3 matched 0.8-1.3% of the samples, and
+    excluding them cost 0.2-0.3 points of accuracy and 15% of validation loss; clean MNIST-1D
+    matched 0.1%. With 20% of the labels flipped 17% matched; keeping only a tenth of the
+    flipped samples in that table (~2% noise), 3%.
+
     Attributes:
         min_scorings: Scorings needed before a sample can be suspect.
         factor: How far above the reference its hardness and last loss must stay.
         floor: The level never goes below this.
+        min_share: Share of the scored samples that must match before any is suspect.
     """
 
     min_scorings: int = 4
     factor: float = 4.0
     floor: float = 2.3
+    min_share: float = 0.02
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_scorings <= 2**32 - 1:
@@ -393,6 +403,8 @@ class SuspectRule:
             raise ValueError(f"factor must be a positive number, got {self.factor}")
         if not math.isfinite(self.floor):
             raise ValueError(f"floor must be finite, got {self.floor}")
+        if not 0.0 <= self.min_share <= 1.0:
+            raise ValueError(f"min_share must be in [0, 1], got {self.min_share}")
 
     def threshold(self, reference: float) -> float:
         """The level above which a sample (scored often enough) is suspect."""
@@ -407,6 +419,11 @@ class SuspectRule:
         late = (seen > 0) & (np.asarray(last_round) >= self.min_scorings)
         evidence = (seen >= self.min_scorings) | late
         return evidence & (np.asarray(ema) > t) & (np.asarray(last_loss) > t)
+
+    def engaged(self, match: np.ndarray, seen: np.ndarray) -> bool:
+        """Whether `match` (`mask` over the whole table) holds enough of the scored samples
+        for the guard to act on any of them."""
+        return int(np.count_nonzero(match)) >= self.min_share * int(np.count_nonzero(seen))
 
 
 def suspect_reference(ema: np.ndarray, seen: np.ndarray) -> float:

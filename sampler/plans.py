@@ -80,6 +80,8 @@ class PlanConfig:
             `hardness.SuspectRule`); 0 turns the noise guard off.
         suspect_floor: The suspect level never goes below this (2.3 ~ ln 10: the label gets
             under 10% probability; see `hardness.SuspectRule`).
+        suspect_min_share: The guard engages only when at least this share of the scored
+            samples would be suspect (fewer are as often hard correct samples).
     """
 
     alpha: float = 1.0
@@ -94,6 +96,7 @@ class PlanConfig:
     suspect_scorings: int = 4
     suspect_factor: float = 4.0
     suspect_floor: float = 2.3
+    suspect_min_share: float = 0.02
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.alpha) and 0.0 <= self.alpha <= 16.0):
@@ -122,12 +125,15 @@ class PlanConfig:
             raise ValueError(f"suspect_factor must be >= 0, got {self.suspect_factor}")
         if not math.isfinite(self.suspect_floor):
             raise ValueError(f"suspect_floor must be finite, got {self.suspect_floor}")
+        if not 0.0 <= self.suspect_min_share <= 1.0:
+            raise ValueError(f"suspect_min_share must be in [0, 1], got {self.suspect_min_share}")
 
     def suspect_rule(self) -> SuspectRule | None:
         """The noise guard's rule, or None when it is off."""
         if self.suspect_factor == 0.0:
             return None
-        return SuspectRule(self.suspect_scorings, self.suspect_factor, self.suspect_floor)
+        return SuspectRule(self.suspect_scorings, self.suspect_factor, self.suspect_floor,
+                           self.suspect_min_share)
 
     def is_uniform_round(self, round_: int) -> bool:
         """Whether `round_` falls in the annealed (uniform) tail of training."""

@@ -226,11 +226,13 @@ class LiveRun:
                 version = m.table.applied
             rule = cfg.suspect_rule()
             suspect = None
+            threshold = None
             if rule is not None:
-                self.suspect_threshold = rule.threshold(suspect_reference(ema, seen))
-                suspect = rule.mask(seen, ema, last_loss, self.suspect_threshold, last_round)
-            else:
-                self.suspect_threshold = None
+                threshold = rule.threshold(suspect_reference(ema, seen))
+                suspect = rule.mask(seen, ema, last_loss, threshold, last_round)
+                if not rule.engaged(suspect, seen):  # too few to tell from hard samples
+                    suspect, threshold = None, None
+            self.suspect_threshold = threshold
             snap = PrioritySnapshot.build(hardness, seen, cfg, version=version, suspect=suspect)
             self.priorities = snap
             return snap
@@ -532,6 +534,7 @@ def plan_config_to_strings(cfg: PlanConfig) -> dict[str, str]:
         "hardness": cfg.hardness, "priority": cfg.priority, "strata": str(cfg.strata),
         "suspect_scorings": str(cfg.suspect_scorings),
         "suspect_factor": repr(cfg.suspect_factor), "suspect_floor": repr(cfg.suspect_floor),
+        "suspect_min_share": repr(cfg.suspect_min_share),
     }
 
 
@@ -547,4 +550,5 @@ def plan_config_from_strings(d: dict[str, Any]) -> PlanConfig:
         suspect_scorings=int(d.get("suspect_scorings", default.suspect_scorings)),
         suspect_factor=float(d.get("suspect_factor", default.suspect_factor)),
         suspect_floor=float(d.get("suspect_floor", default.suspect_floor)),
+        suspect_min_share=float(d.get("suspect_min_share", default.suspect_min_share)),
     )

@@ -83,6 +83,10 @@ class PlanConfigModel(BaseModel):
     suspect_floor: float = Field(
         default=_PLAN.suspect_floor, ge=-1e6, le=1e6,
         description="The suspect level never goes below this (1.0: cross-entropy scale).")
+    suspect_min_share: float = Field(
+        default=_PLAN.suspect_min_share, ge=0.0, le=1.0,
+        description="The guard engages only when at least this share of the scored samples "
+                    "would be suspect.")
 
     def to_config(self) -> PlanConfig:
         return PlanConfig(**self.model_dump())
@@ -94,7 +98,7 @@ class PlanConfigModel(BaseModel):
                    hardness=cfg.hardness, strata=cfg.strata,  # type: ignore[arg-type]
                    priority=cfg.priority,  # type: ignore[arg-type]
                    suspect_scorings=cfg.suspect_scorings, suspect_factor=cfg.suspect_factor,
-                   suspect_floor=cfg.suspect_floor)
+                   suspect_floor=cfg.suspect_floor, suspect_min_share=cfg.suspect_min_share)
 
 
 class RunDetail(BaseModel):

@@ -66,7 +66,7 @@ def test_decay_is_current_after_a_dozen_rounds() -> None:
 
 
 def test_suspect_rule() -> None:
-    rule = SuspectRule(min_scorings=3, factor=4.0, floor=1.0)
+    rule = SuspectRule(min_scorings=3, factor=4.0, floor=1.0, min_share=0.0)
     seen = np.array([3, 3, 2, 5, 0, 4])
     ema = np.array([2.1, 1.9, 9.0, 0.5, 0.0, 3.0], dtype=np.float32)
     last = np.array([2.5, 3.0, 9.0, 0.5, 0.0, 0.1], dtype=np.float32)
@@ -92,6 +92,25 @@ def test_suspect_rule() -> None:
         SuspectRule(factor=0.0)
     with pytest.raises(ValueError):
         SuspectRule(floor=float("nan"))
+    with pytest.raises(ValueError):
+        SuspectRule(min_share=1.5)
+
+
+def test_the_guard_engages_only_when_enough_samples_match() -> None:
+    n = 1000
+    seen, rounds = np.full(n, 5), np.full(n, 5)
+    ema = np.full(n, 0.05, dtype=np.float32)
+    ema[:15] = 4.0  # 1.5% stay high: as many hard correct samples as label errors
+    rule = SuspectRule(min_share=0.02)
+    match = rule.mask(seen, ema, ema, 2.3, rounds)
+    assert match.sum() == 15 and not rule.engaged(match, seen)
+    ema[:25] = 4.0  # 2.5%: enough to act on
+    assert rule.engaged(rule.mask(seen, ema, ema, 2.3, rounds), seen)
+    seen[500:] = 0  # the share is of the scored samples
+    ema[:12] = 0.05
+    match = rule.mask(seen, ema, ema, 2.3, rounds)
+    assert match.sum() == 13 and rule.engaged(match, seen)
+    assert SuspectRule(min_share=0.0).engaged(np.zeros(n, bool), seen)
 
 
 def test_first_record_sets_ema_then_blends() -> None:

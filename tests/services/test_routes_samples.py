@@ -181,6 +181,16 @@ def test_suspects_bounds_and_guard_off(service, store):
     assert httpx.get(base, params={"limit": 10_001}).status_code == 422
     assert httpx.get(f"{service.url}/v1/runs/nope/suspects").status_code == 404
     with service.client() as c:
+        # 50 of 1000 scored samples (5%) stay high: below a 6% share the guard stands down.
+        assert c.put("/v1/runs/noisy/plan-config",
+                     json={"suspect_min_share": 0.06}).status_code == 200
+        assert c.get("/v1/runs/noisy/suspects").json()["total"] == 0
+        assert c.get("/v1/runs/noisy/samples/3").json()["suspect"] is False
+        assert c.put("/v1/runs/noisy/plan-config", json={"suspect_min_share": 1.5}).status_code \
+            == 422
+        assert c.put("/v1/runs/noisy/plan-config",
+                     json={"suspect_min_share": 0.05}).status_code == 200
+        assert c.get("/v1/runs/noisy/suspects").json()["total"] == 50
         r = c.put("/v1/runs/noisy/plan-config", json={"suspect_factor": 0.0})
         assert r.status_code == 200, r.text
         body = c.get("/v1/runs/noisy/suspects").json()
