@@ -61,7 +61,7 @@ def live_service(size: int, seen_fraction: float = 1.0, run: str = "bench",
                     # No table snapshots during the measurement: they are not what is measured.
                     "HARDBATCH_SNAPSHOT_INTERVAL_S": "3600"})
         proc = subprocess.Popen(
-            [sys.executable, "-c", "from hardbatch.cli import main; main()", "serve",
+            [sys.executable, "-m", "hardbatch.cli", "serve",
              "--log-level", "warning"], cwd=REPO, env=env,
         )
         url = f"http://127.0.0.1:{port}"
