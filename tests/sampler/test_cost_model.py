@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 
 import pytest
-from hardbatch.sampler.cost_model import CostModel, CostModelConfig, Mode
+from hardbatch.sampler.cost_model import FIT_BELOW, CostModel, CostModelConfig, Mode
 
 FULL_S = 1.0  # a full step
 SCORE_S = 0.3  # the scoring forward
@@ -56,6 +56,27 @@ def test_filter_turns_off_while_it_keeps_most_and_back_on_when_it_pays() -> None
     assert cm.summary()["mode"] == "filter" and cm.summary()["switches"] == 2
 
 
+@pytest.mark.parametrize("horizon", [0, 50])
+def test_a_falling_kept_fraction_keeps_the_filter_on(horizon) -> None:
+    # The losses concentrate: the filter keeps 95% at first, 1 point less every step. At
+    # step 6 it keeps ~90% (a filtered step costs ~1.1 of a full one): judged by that alone it
+    # turns off; projected 50 steps ahead (~40% kept) it pays and stays on.
+    cm = CostModel(config(trend_window=5, horizon_steps=horizon))
+    modes = drive(cm, lambda s: max(0.95 - 0.01 * s, 0.05), range(40))
+    if horizon:
+        assert cm.decisions == [] and all(m is Mode.FILTER for m in modes[3:])
+        assert cm.projected_kept() < cm.summary()["kept_frac"] - 0.3
+    else:
+        assert cm.decisions[0]["mode"] == "full" and cm.decisions[0]["step"] == 6
+
+
+def test_a_rising_kept_fraction_is_judged_as_it_is() -> None:
+    cm = CostModel(config(trend_window=5, horizon_steps=50))
+    drive(cm, lambda s: min(0.2 + 0.01 * s, 0.9), range(20))
+    assert cm.summary()["kept_slope"] > 0
+    assert cm.projected_kept() == cm.summary()["kept_frac"]
+
+
 def test_the_prediction_matches_the_cost_formula() -> None:
     cm = CostModel(config(smoothing=0.0))
     drive(cm, lambda s: 0.4, range(6))
@@ -66,11 +87,14 @@ def test_the_prediction_matches_the_cost_formula() -> None:
 
 def test_hysteresis_keeps_the_mode_between_the_thresholds() -> None:
     # Predicted ratio 0.97: not cheap enough to turn on (< 0.95), not dear enough to turn off.
-    kept = (0.97 - SCORE_S - OVERHEAD) / (1 - OVERHEAD)
-    on = CostModel(config())
+    # (Keeping more than FIT_BELOW, o is not fitted and counts as 0.) No trend projection:
+    # the step from 0.9 down to `kept` would read as a falling kept fraction.
+    kept = 0.97 - SCORE_S
+    assert kept > FIT_BELOW
+    on = CostModel(config(horizon_steps=0))
     drive(on, lambda s: kept, range(40))
     assert on.mode is Mode.FILTER and on.decisions == []
-    off = CostModel(config())
+    off = CostModel(config(horizon_steps=0))
     drive(off, lambda s: 0.9, range(10))  # turned off
     drive(off, lambda s: kept, range(10, 40))
     assert off.mode is Mode.FULL and len(off.decisions) == 1
@@ -121,7 +145,15 @@ def test_bad_measurements_raise(kw) -> None:
 
 @pytest.mark.parametrize("kw", [{"margin": 1.0}, {"margin": -0.1}, {"warmup_steps": 0},
                                 {"probe_steps": 0}, {"probe_every": 4, "probe_steps": 4},
-                                {"smoothing": 1.0}])
+                                {"smoothing": 1.0}, {"trend_window": 0},
+                                {"horizon_steps": -1}])
 def test_bad_config_raises(kw) -> None:
     with pytest.raises(ValueError):
         CostModelConfig(**kw)
+
+
+def test_the_fixed_share_is_fitted_only_where_timing_noise_is_not_amplified() -> None:
+    near_full = CostModel(config(smoothing=0.0))
+    drive(near_full, lambda s: 0.8, range(8))
+    assert near_full.summary()["overhead"] is None  # o = 0 (optimistic) until s < FIT_BELOW
+    assert near_full.predicted_ratio() == pytest.approx(SCORE_S + 0.8)
