@@ -13,7 +13,8 @@ the same with plans over half the data, hard-biased, without importance weights
 `half_uncertain` half plans that rank by uncertainty instead of loss (`priority="uncertain"`:
 confidently wrong samples, often flipped labels, rank low),
 `cost_model` the same with the runtime cost model on (`cost_model=True`: full steps where
-scoring does not pay).
+scoring does not pay), `no_guard` the same without the service's noise guard (`guard=False`:
+what keeping suspected label errors out of training buys).
 An ablation identical to the default is not trained again: it shares the default's runs, and
 the JSON says so.
 
@@ -53,7 +54,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {"uniform": {"alpha": 0.0},
                                                          "alpha": 0.0},
                                         "half_uncertain": {"plan_fraction": 0.5, "beta": 0.0,
                                                            "priority": "uncertain"},
-                                        "cost_model": {"cost_model": True}}
+                                        "cost_model": {"cost_model": True},
+                                        "no_guard": {"guard": False}}
 ARMS = ("plain", "hardbatch", *ABLATIONS)
 # The service's default cap on one listing (Settings.max_limit): precision is measured on the
 # most certain suspects up to it; `listed_total` says how many the service flagged in all.

@@ -55,6 +55,10 @@ class JobConfig(TrainConfig):
     beta: float = field(default=1.0, metadata={
         "help": "Importance-weight exponent in [0, 1] (1: unbiased plans, 0: no weights, a "
                 "plain hard bias; matters only with --plan-fraction below 1)."})
+    guard: bool = field(default=True, metadata={
+        "help": "Noise guard: the service flags samples whose loss stays high over many "
+                "scorings as suspected label errors (listed over REST) and they are never "
+                "trained on; it engages only when 2% of the scored samples match."})
     anneal_frac: float = field(default=0.125, metadata={
         "help": "Share of the last epochs whose plans are uniform (InfoBatch's annealing)."})
     placement: str = field(default="PACK", metadata={
@@ -87,8 +91,9 @@ class JobConfig(TrainConfig):
 
     def plan_config(self) -> PlanConfig:
         """How the service's plans lean toward hard samples."""
+        guard = {} if self.guard else {"suspect_factor": 0.0}
         return PlanConfig(alpha=self.alpha, lam=self.lam, beta=self.beta, priority=self.priority,
-                          anneal_frac=self.anneal_frac, total_rounds=self.epochs)
+                          anneal_frac=self.anneal_frac, total_rounds=self.epochs, **guard)
 
     def worker_config(self, **overrides: Any) -> WorkerConfig:
         """The workers' filter settings and plan fraction (plus `overrides`)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import threading
@@ -80,3 +81,9 @@ def test_bad_jobs_are_refused_before_anything_starts(tmp_path):
         launch(JobConfig(**SMALL, epochs=1, run="taken", storage=str(tmp_path)))
     with pytest.raises(ValueError, match="cannot give"):
         launch(JobConfig(**{**SMALL, "batch_size": 4000}, epochs=1, storage=str(tmp_path)))
+
+
+def test_the_noise_guard_is_on_by_default_and_can_be_turned_off():
+    on, off = JobConfig().plan_config(), JobConfig(guard=False).plan_config()
+    assert on.suspect_rule() is not None and off.suspect_rule() is None
+    assert off == dataclasses.replace(on, suspect_factor=0.0)
