@@ -14,7 +14,11 @@ the same with plans over half the data, hard-biased, without importance weights
 confidently wrong samples, often flipped labels, rank low),
 `cost_model` the same with the runtime cost model on (`cost_model=True`: full steps where
 scoring does not pay), `no_guard` the same without the service's noise guard (`guard=False`:
-what keeping suspected label errors out of training buys).
+what keeping suspected label errors out of training buys), `steps40` plans over 40% of the
+data that keep an epoch's steps (`keep_steps=True`: each step scores 40% of a batch, the
+samples the service picks, hard-biased, no weights) and `steps40_uniform` the same with
+uniform plans (its same-size control); these arms train as many epochs as plain (the same
+steps), the other plan-fraction arms `passes / plan_fraction` epochs.
 An ablation identical to the default is not trained again: it shares the default's runs, and
 the JSON says so.
 
@@ -55,7 +59,12 @@ ABLATIONS: dict[str, dict[str, Any]] = {"uniform": {"alpha": 0.0},
                                         "half_uncertain": {"plan_fraction": 0.5, "beta": 0.0,
                                                            "priority": "uncertain"},
                                         "cost_model": {"cost_model": True},
-                                        "no_guard": {"guard": False}}
+                                        "no_guard": {"guard": False},
+                                        "steps40": {"plan_fraction": 0.4, "keep_steps": True,
+                                                    "beta": 0.0},
+                                        "steps40_uniform": {"plan_fraction": 0.4,
+                                                            "keep_steps": True, "beta": 0.0,
+                                                            "alpha": 0.0}}
 ARMS = ("plain", "hardbatch", *ABLATIONS)
 # The service's default cap on one listing (Settings.max_limit): precision is measured on the
 # most certain suspects up to it; `listed_total` says how many the service flagged in all.
@@ -135,7 +144,9 @@ def schedule(arms: dict[str, JobConfig], scale: Scale, seeds: list[int],
                                          and arms[arm] == arms["hardbatch"]):
                 continue
             precision = precision or arms[arm].precision
-            epochs = passes if arm == "plain" else epochs_for(passes, arms[arm].plan_fraction)
+            # keep_steps arms train an epoch's full steps on smaller batches: same step budget.
+            epochs = (passes if arm == "plain" or arms[arm].keep_steps
+                      else epochs_for(passes, arms[arm].plan_fraction))
             configs.append({"config": f"{arm}/{precision}/{epochs}ep", "arm": arm,
                             "precision": precision, "epochs": epochs, "passes": passes})
     plan = []

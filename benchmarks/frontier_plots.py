@@ -14,7 +14,8 @@ import numpy as np  # noqa: E402
 COLORS = {"plain": "black", "hardbatch": "tab:red", "uniform": "tab:blue",
           "half": "tab:green", "cost_model": "tab:orange",
           "half_weighted": "tab:purple", "half_uniform": "tab:cyan",
-          "half_uncertain": "tab:brown", "no_guard": "tab:olive"}
+          "half_uncertain": "tab:brown", "no_guard": "tab:olive", "steps40": "tab:pink",
+          "steps40_uniform": "tab:gray"}
 
 
 def drawn_arms(result: dict[str, Any]) -> dict[str, str]:

@@ -64,10 +64,11 @@ def launch(job: JobConfig, top_k: int = 10) -> JobResult:
 
     task = load_task(job.task)(TaskArgs(job.num_samples, job.width, job.seed,
                                         dict(job.task_args)))
-    if job.plan_fraction * task.num_samples < job.workers * job.batch_size:
+    batch = job.scored_batch_size
+    if job.plan_fraction * task.num_samples < job.workers * batch:
         raise ValueError(
             f"a round of {job.plan_fraction} x {task.num_samples} samples cannot give "
-            f"{job.workers} workers a batch of {job.batch_size} each")
+            f"{job.workers} workers a batch of {batch} each")
     run = job.run or new_run_name()
     # Remote storage (s3://, gs://, ...) is Ray's business; a local path is made absolute.
     storage = job.storage or "runs/ray"
@@ -99,9 +100,8 @@ def launch(job: JobConfig, top_k: int = 10) -> JobResult:
                 checkpoint_config=CheckpointConfig(num_to_keep=2), **_quiet_train_logs()),
         )
         if job.progress and driver.service_url:
-            steps = batches_per_round(task.num_samples, job.workers, job.batch_size,
-                                      job.plan_fraction)
-            total = job.epochs * steps * job.batch_size * job.workers
+            steps = batches_per_round(task.num_samples, job.workers, batch, job.plan_fraction)
+            total = job.epochs * steps * batch * job.workers
             result = _fit_following(trainer, driver, total)
         else:
             result = trainer.fit()

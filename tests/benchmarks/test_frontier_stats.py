@@ -70,6 +70,9 @@ def test_budgets_are_passes_over_the_data_whatever_an_arm_plans_per_epoch():
     assert got[("cost_model", 4)] == 4
     assert got[("half", 4)] == 8 and got[("half_weighted", 4)] == 8
     assert got[("half_uniform", 4)] == 8 and got[("half_uncertain", 4)] == 8
+    # plans that keep an epoch's steps on smaller batches get plain's epochs (its steps)
+    assert got[("steps40", 4)] == 4 and got[("steps40_uniform", 4)] == 4
+    assert arms["steps40"].scored_batch_size == 102 and arms["plain"].scored_batch_size == 256
     # plain trains every example of every pass, whatever the default plans per epoch
     half_default = arm_jobs(dataclasses.replace(base, plan_fraction=0.5))
     assert half_default["plain"].plan_fraction == 1.0 and not half_default["plain"].filter

@@ -41,3 +41,24 @@ def test_the_local_service_dies_with_a_killed_driver(redis_url):
     driver.wait()
     psutil.wait_procs([child], timeout=20)
     assert not child.is_running()
+
+
+@pytest.mark.parametrize("keep_steps", [False, True])
+def test_plans_over_part_of_the_data_drop_batches_or_keep_steps(redis_url, keep_steps):
+    from hardbatch.trainer.distributed import JobConfig
+    from hardbatch.trainer.driver import Driver
+    from hardbatch.trainer.train import Runtime, fit
+
+    job = JobConfig(num_samples=2000, width=8, batch_size=100, epochs=2, plan_fraction=0.4,
+                    keep_steps=keep_steps, beta=0.0, workers=1, threads=1, progress=False,
+                    redis=redis_url)
+    with Driver(2000, job.epochs, run=f"keep-{keep_steps}", redis=redis_url, ray_address=None,
+                plan=job.plan_config(), worker=job.worker_config()) as driver:
+        result = fit(job.train_config(), runtime=Runtime(hardbatch=driver.worker_config))
+        driver.top(1)  # waits until the service has applied every record
+        records = driver.info()["records"]
+    # 40% of the data a round either way: 20 steps of 40 samples (a full epoch's steps) or 8
+    # steps of 100
+    steps = 20 if keep_steps else 8
+    assert [e["step"] for e in result.evals] == [steps, 2 * steps]
+    assert records == 2 * 800
