@@ -66,6 +66,9 @@ ABLATIONS: dict[str, dict[str, Any]] = {"uniform": {"alpha": 0.0},
                                                             "keep_steps": True, "beta": 0.0,
                                                             "alpha": 0.0}}
 ARMS = ("plain", "hardbatch", *ABLATIONS)
+# Each arm with a composition against its same-size uniform control.
+CONTROLS = {"hardbatch": "uniform", "half": "half_uniform", "half_weighted": "half_uniform",
+            "half_uncertain": "half_uniform", "steps40": "steps40_uniform"}
 # The service's default cap on one listing (Settings.max_limit): precision is measured on the
 # most certain suspects up to it; `listed_total` says how many the service flagged in all.
 SUSPECT_LIMIT = 10_000
@@ -319,6 +322,8 @@ def analyze(runs: list[dict[str, Any]], metric: str, arms: dict[str, JobConfig])
         "speedup_at_best": rows[0]["speedup"],
         "min_speedup_within_1pt": st.min_speedup([r["speedup"] for r in rows]),
         "speedup_vs_uniform_at_best": rows[0]["speedup_vs_uniform"],
+        "composition": [st.versus(rows, a, c) for a, c in CONTROLS.items()
+                        if a in names and c in names],
         "target_window": ("accuracy: best median down 1 point" if metric == "accuracy"
                           else "val loss: best median up 2%"),
     }
@@ -366,6 +371,10 @@ def print_table(r: dict[str, Any]) -> None:
           f"{fmt_x(r['speedup_at_best'])}; least within the window: "
           f"{fmt_x(r['min_speedup_within_1pt'])}; vs uniform plans at best: "
           f"{fmt_x(r['speedup_vs_uniform_at_best'])}")
+    for v in r["composition"]:
+        print(f"{v['arm']} vs {v['control']} (same-size uniform plans): median "
+              f"{fmt_x(v['median'])} over the targets both reach; {v['only_arm']} reached by "
+              f"{v['arm']} only, {v['only_control']} by {v['control']} only")
     print(f"plain best: {100 * r['plain_best_accuracy']:.2f}% / val loss "
           f"{r['plain_best_val_loss']:.4f}; hardbatch best ({r['best_configs']['hardbatch']}): "
           f"{100 * r['hardbatch_best_accuracy']:.2f}% / val loss {r['hardbatch_val_loss']:.4f}")

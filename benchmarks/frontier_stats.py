@@ -95,6 +95,27 @@ def min_speedup(speedups: Sequence[float | None]) -> float | None:
     return min((0.0 if s is None else s) for s in speedups) if speedups else None
 
 
+def versus(rows: Sequence[dict[str, Any]], arm: str, control: str) -> dict[str, Any]:
+    """`arm` against `control` (its same-size uniform plans) over the targets: the speedup at
+    each (None where either never reached it), their median where both did, and how many
+    targets only one of them reached.
+
+    Example:
+        >>> rows = [{"a_time_s": None, "b_time_s": None}, {"a_time_s": 8.0, "b_time_s": None},
+        ...         {"a_time_s": 4.0, "b_time_s": 6.0}, {"a_time_s": 3.0, "b_time_s": 3.0}]
+        >>> v = versus(rows, "a", "b")
+        >>> v["median"], v["only_arm"], v["only_control"]
+        (1.25, 1, 0)
+    """
+    pairs = [(r[f"{arm}_time_s"], r[f"{control}_time_s"]) for r in rows]
+    speedups = [ratio(c, a) for a, c in pairs]
+    both = [x for x in speedups if x is not None]
+    return {"arm": arm, "control": control, "speedups": speedups,
+            "median": statistics.median(both) if both else None,
+            "only_arm": sum(a is not None and c is None for a, c in pairs),
+            "only_control": sum(a is None and c is not None for a, c in pairs)}
+
+
 def summarize_config(curves: list[Curve], kept: list[float], targets: list[float],
                      metric: str) -> dict[str, Any]:
     """Medians and spreads of one config over its seeds."""

@@ -74,10 +74,10 @@ class WorkerConfig:
     seed: int = field(default=0, metadata={"help": "Seed of the local shuffle."})
     filter: bool = field(default=True, metadata={
         "help": "Train only on the examples carrying min_loss_perc of each batch's loss."})
-    # Off by default: on the MNIST-1D frontier it reached plain's best in 35.0 s against the
-    # filter-always default's 15.8 s (a full step costs about what a filtered one does early on
-    # but learns less; README, "frontier"), and its steps depend on measured times, not only
-    # on the seed.
+    # Off by default: on the MNIST-1D frontier it reached plain's best in 28.4 s against the
+    # filter-always default's 17.7 s (325e7e4; 35.0 vs 15.8 s before it projected the kept
+    # fraction's trend): a full step costs about what a filtered one does early on but learns
+    # less (README, "frontier"). And its steps depend on measured times, not only the seed.
     cost_model: bool = field(default=False, metadata={
         "help": "Turn the filter off on the steps where its scoring forward does not pay "
                 "(early epochs, flat losses: it keeps most of the batch) and back on when it "

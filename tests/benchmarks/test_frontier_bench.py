@@ -59,6 +59,11 @@ def test_quick_frontier_on_mnist1d_in_one_process(tmp_path):
                              "half_uniform", "half_uncertain", "cost_model", "no_guard",
                              "steps40", "steps40_uniform"]
     assert saved["workers"] == 1 and saved["task_name"] == "mnist1d"
+    # every composition against its same-size uniform control
+    assert [(v["arm"], v["control"]) for v in saved["composition"]] == [
+        ("hardbatch", "uniform"), ("half", "half_uniform"), ("half_weighted", "half_uniform"),
+        ("half_uncertain", "half_uniform"), ("steps40", "steps40_uniform")]
+    assert all(len(v["speedups"]) == 11 for v in saved["composition"])
     assert saved["plain_best_accuracy"] > 0.2  # ten classes: it learned something
     # interleaved: within a seed hardbatch runs come between plain ones, and each seed starts
     # at another config

@@ -53,6 +53,15 @@ def test_speedups_treat_never_as_no_speedup():
     assert st.min_speedup([1.5, 1.2]) == 1.2
 
 
+def test_an_arm_is_compared_with_its_uniform_control_where_both_reach_a_target():
+    rows = [{"a_time_s": 10.0, "b_time_s": None}, {"a_time_s": None, "b_time_s": 7.0},
+            {"a_time_s": 4.0, "b_time_s": 6.0}, {"a_time_s": 2.0, "b_time_s": 6.0}]
+    v = st.versus(rows, "a", "b")
+    assert v["speedups"] == [None, None, 1.5, 3.0] and v["median"] == 2.25
+    assert (v["only_arm"], v["only_control"]) == (1, 1)
+    assert st.versus(rows[:2], "a", "b")["median"] is None
+
+
 def test_budgets_are_passes_over_the_data_whatever_an_arm_plans_per_epoch():
     import dataclasses
 
