@@ -19,8 +19,9 @@ judged by stay fresh.
 
 Progress: a kept fraction that is still falling says the losses are concentrating on a few
 samples, the phase in which filtered steps learn the most per step (measured on MNIST-1D: the
-filter keeps 78% over the first epoch and 31% over the second; turning it off there because a
-filtered step then costs about a full one cost a third of the run's speed, README). So `s` in
+filter keeps 78% over the first epoch and 31% over the second; turned off there because a
+filtered step then costs about a full one, the run took 35 s to plain's best instead of 16,
+README). So `s` in
 `rho` is the kept fraction projected `horizon_steps` ahead along its trend (measured over
 `trend_window` steps) when it falls; on flat losses it does not fall (a sequence model: 83%
 from the first epoch to the last) and the projection is the current value.
