@@ -200,15 +200,16 @@ class CostModel:
         # Until a filtered step with a useful kept fraction was seen, assume no fixed share:
         # the most optimistic reading, so filtering is tried rather than ruled out.
         o = est.overhead if est.overhead is not None else 0.0
-        return est.score_s / est.full_s + o + (1.0 - o) * self.projected_kept()
+        return est.score_s / est.full_s + o + (1.0 - o) * self._projected(est.kept_frac)
 
     def projected_kept(self) -> float | None:
         """The kept fraction `rho` is judged by: the current one, or where its falling trend
-        leads in `horizon_steps` steps (never below 0)."""
-        est = self._est
-        if est.kept_frac is None:
-            return None
-        return max(est.kept_frac + min(est.kept_slope, 0.0) * self.config.horizon_steps, 0.0)
+        leads in `horizon_steps` steps (never below 0); None before any was observed."""
+        kept = self._est.kept_frac
+        return None if kept is None else self._projected(kept)
+
+    def _projected(self, kept: float) -> float:
+        return max(kept + min(self._est.kept_slope, 0.0) * self.config.horizon_steps, 0.0)
 
     def _track_trend(self, step: int) -> None:
         est = self._est

@@ -97,9 +97,9 @@ class JobConfig(TrainConfig):
 
     def plan_config(self) -> PlanConfig:
         """How the service's plans lean toward hard samples."""
-        guard = {} if self.guard else {"suspect_factor": 0.0}
-        return PlanConfig(alpha=self.alpha, lam=self.lam, beta=self.beta, priority=self.priority,
-                          anneal_frac=self.anneal_frac, total_rounds=self.epochs, **guard)
+        plan = PlanConfig(alpha=self.alpha, lam=self.lam, beta=self.beta, priority=self.priority,
+                          anneal_frac=self.anneal_frac, total_rounds=self.epochs)
+        return plan if self.guard else dataclasses.replace(plan, suspect_factor=0.0)
 
     def worker_config(self, **overrides: Any) -> WorkerConfig:
         """The workers' filter settings and plan fraction (plus `overrides`)."""
