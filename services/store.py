@@ -657,8 +657,13 @@ class LossStore:
         args: list[Any] = [gen, stream_id, int(entries), trim, repr(time.time())]
         for name, value in counters.items():
             args += [name, int(value)]
-        committed = bool(self._run_script(self._commit, run, [keys.meta(run), keys.log(run)],
-                                          args))
+        try:
+            committed = bool(self._run_script(self._commit, run,
+                                              [keys.meta(run), keys.log(run)], args))
+        except UnknownRunError:
+            # delete_run ran while the chunks were written: they came after its sweep.
+            self._delete_generation(run, gen, size)
+            raise
         if not committed:
             self._delete_generation(run, gen, size)
         self._collect_garbage(run, size)

@@ -274,6 +274,25 @@ def test_delete_run(store: LossStore) -> None:
         store.run_info("r")
 
 
+def test_a_run_deleted_while_its_snapshot_is_written_leaves_no_key(store: LossStore) -> None:
+    store.register_run("r", 10)
+    ingest_all(store, "r", make_batches(3, 10, 5))
+    m = Materializer(store, "r")
+    m.catch_up(10)
+    run_script = store._run_script
+
+    def delete_after_the_generation(script, run, names, args):
+        out = run_script(script, run, names, args)
+        if script is store._next_gen:  # delete_run's sweep comes before the chunks are written
+            store.delete_run(run)
+        return out
+
+    store._run_script = delete_after_the_generation  # type: ignore[method-assign]
+    with pytest.raises(UnknownRunError):
+        m.snapshot()
+    assert not list(store.client.scan_iter(match="hb:{r}*"))
+
+
 def test_redis_memory_per_sample_of_snapshot(store: LossStore) -> None:
     size = 2_000_000
     store.client.execute_command("MEMORY", "PURGE")
