@@ -17,8 +17,10 @@ scoring does not pay), `no_guard` the same without the service's noise guard (`g
 what keeping suspected label errors out of training buys), `steps40` plans over 40% of the
 data that keep an epoch's steps (`keep_steps=True`: each step scores 40% of a batch, the
 samples the service picks, hard-biased, no weights) and `steps40_uniform` the same with
-uniform plans (its same-size control); these arms train as many epochs as plain (the same
-steps), the other plan-fraction arms `passes / plan_fraction` epochs.
+uniform plans (its same-size control), `fixed_size` the default before plan sizes adapted
+(`size_factor=0`: plans over all the data, which the service only orders, with weights);
+steps40 arms train as many epochs as plain (the same steps), the other plan-fraction arms
+`passes / plan_fraction` epochs.
 An ablation identical to the default is not trained again: it shares the default's runs, and
 the JSON says so.
 
@@ -51,20 +53,21 @@ from benchmarks import frontier_stats as st
 from benchmarks.frontier_runners import LocalRunner, RayRunner
 
 # What each ablation changes in hardbatch's default config.
-ABLATIONS: dict[str, dict[str, Any]] = {"uniform": {"alpha": 0.0},
-                                        "half": {"plan_fraction": 0.5, "beta": 0.0},
-                                        "half_weighted": {"plan_fraction": 0.5, "beta": 1.0},
-                                        "half_uniform": {"plan_fraction": 0.5, "beta": 0.0,
-                                                         "alpha": 0.0},
-                                        "half_uncertain": {"plan_fraction": 0.5, "beta": 0.0,
-                                                           "priority": "uncertain"},
-                                        "cost_model": {"cost_model": True},
-                                        "no_guard": {"guard": False},
-                                        "steps40": {"plan_fraction": 0.4, "keep_steps": True,
-                                                    "beta": 0.0},
-                                        "steps40_uniform": {"plan_fraction": 0.4,
-                                                            "keep_steps": True, "beta": 0.0,
-                                                            "alpha": 0.0}}
+# The plan-fraction arms keep size_factor 0 (plans of a fixed share), as they were measured.
+FIXED = {"size_factor": 0.0}
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "uniform": {"alpha": 0.0},
+    "half": {**FIXED, "plan_fraction": 0.5, "beta": 0.0},
+    "half_weighted": {**FIXED, "plan_fraction": 0.5, "beta": 1.0},
+    "half_uniform": {**FIXED, "plan_fraction": 0.5, "beta": 0.0, "alpha": 0.0},
+    "half_uncertain": {**FIXED, "plan_fraction": 0.5, "beta": 0.0, "priority": "uncertain"},
+    "cost_model": {"cost_model": True},
+    "no_guard": {"guard": False},
+    "steps40": {**FIXED, "plan_fraction": 0.4, "keep_steps": True, "beta": 0.0},
+    "steps40_uniform": {**FIXED, "plan_fraction": 0.4, "keep_steps": True, "beta": 0.0,
+                        "alpha": 0.0},
+    "fixed_size": {**FIXED, "beta": 1.0},
+}
 ARMS = ("plain", "hardbatch", *ABLATIONS)
 # Each arm with a composition against its same-size uniform control.
 CONTROLS = {"hardbatch": "uniform", "half": "half_uniform", "half_weighted": "half_uniform",

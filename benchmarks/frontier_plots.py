@@ -11,11 +11,11 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-COLORS = {"plain": "black", "hardbatch": "tab:red", "uniform": "tab:blue",
+COLORS = {"plain": "black", "hardbatch": "darkred", "uniform": "tab:blue",
           "half": "tab:green", "cost_model": "tab:orange",
           "half_weighted": "tab:purple", "half_uniform": "tab:cyan",
           "half_uncertain": "tab:brown", "no_guard": "tab:olive", "steps40": "tab:pink",
-          "steps40_uniform": "tab:gray"}
+          "steps40_uniform": "tab:gray", "fixed_size": "tab:red"}
 
 
 def drawn_arms(result: dict[str, Any]) -> dict[str, str]:

@@ -26,12 +26,19 @@ from two strata to several). For a hardness snapshot `h` (the current hardness o
 - suspects (the noise guard, `hardness.SuspectRule`) are taken only at the uniform floor's rate
   and always get weight 0: the worker scores them (which keeps their record current, so a sample
   the model comes to get right is cleared) but never trains on them;
+- adaptive size (`size_factor > 0`): a round trains on `size_factor` times the share of the
+  scored samples that carry `size_mass` of their last losses (what the loss filter would keep of a
+  batch, so ~4x leaves it room), at most all of them: the whole round while losses are spread
+  (early epochs, flat tasks), few once most samples are learned. The round keeps its shape
+  (an epoch's steps, the LR schedule); its other slots hold ids marked `SKIP` (weight -1) that
+  the worker neither loads nor scores, spread so every batch trains on the same count +- 1;
 - annealing: rounds in the last `anneal_frac` of `total_rounds` are uniform over all ids
   (weights 1, suspects still 0), as InfoBatch ends on the full data;
 - deterministic: the random stream is seeded from (seed, round, world size) only, so the same
   snapshot gives the same round after a restart.
 
-A round costs O(M) after an O(N) build per snapshot. Everything here is pure numpy: no I/O.
+A round costs O(M) after an O(N) build per snapshot (O(N) with an adaptive size). Everything
+here is pure numpy: no I/O.
 """
 
 from __future__ import annotations
@@ -46,6 +53,8 @@ from hardbatch.sampler.hardness import SuspectRule
 HARDNESS_FIELDS = ("ema", "last_loss")
 #: How hardness becomes priority (see `PlanConfig.priority`).
 PRIORITIES = ("loss", "uncertain")
+#: Weight of a slot the round does not train (adaptive size): not loaded, not scored.
+SKIP = -1.0
 
 
 @dataclass(frozen=True)
@@ -82,6 +91,12 @@ class PlanConfig:
             under 10% probability; see `hardness.SuspectRule`).
         suspect_min_share: The guard engages only when at least this share of the scored
             samples would be suspect (fewer are as often hard correct samples).
+        size_factor: Adaptive plan size: a round trains on this many times the share of the
+            scored samples carrying `size_mass` of their last losses (capped at the round);
+            the rest of its slots are `SKIP`. 0 (the default) trains every slot.
+        size_mass: Share of the total last loss the adaptive size counts samples for (the
+            loss filter's `min_loss_perc`).
+        size_min: The adaptive size never goes below this share of the round.
     """
 
     alpha: float = 1.0
@@ -97,6 +112,9 @@ class PlanConfig:
     suspect_factor: float = 4.0
     suspect_floor: float = 2.3
     suspect_min_share: float = 0.02
+    size_factor: float = 0.0
+    size_mass: float = 0.9
+    size_min: float = 0.05
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.alpha) and 0.0 <= self.alpha <= 16.0):
@@ -127,6 +145,12 @@ class PlanConfig:
             raise ValueError(f"suspect_floor must be finite, got {self.suspect_floor}")
         if not 0.0 <= self.suspect_min_share <= 1.0:
             raise ValueError(f"suspect_min_share must be in [0, 1], got {self.suspect_min_share}")
+        if not (math.isfinite(self.size_factor) and 0.0 <= self.size_factor <= 1e3):
+            raise ValueError(f"size_factor must be in [0, 1000], got {self.size_factor}")
+        if not (math.isfinite(self.size_mass) and 0.0 < self.size_mass <= 1.0):
+            raise ValueError(f"size_mass must be in (0, 1], got {self.size_mass}")
+        if not (math.isfinite(self.size_min) and 0.0 < self.size_min <= 1.0):
+            raise ValueError(f"size_min must be in (0, 1], got {self.size_min}")
 
     def suspect_rule(self) -> SuspectRule | None:
         """The noise guard's rule, or None when it is off."""
@@ -158,6 +182,9 @@ class PrioritySnapshot:
         q_mean: Mean target probability `q` of each stratum (float64).
         suspects: Ids of the suspects, ascending.
         version: Caller's tag for the table state this came from.
+        concentration: Share of the scored, non-suspect samples that carry `size_mass` of
+            their last losses (largest first); 1 when none is scored or the size is not
+            adaptive.
     """
 
     config: PlanConfig
@@ -169,6 +196,7 @@ class PrioritySnapshot:
     q_mean: np.ndarray
     suspects: np.ndarray
     version: int = 0
+    concentration: float = 1.0
 
     @classmethod
     def build(
@@ -178,6 +206,7 @@ class PrioritySnapshot:
         config: PlanConfig,
         version: int = 0,
         suspect: np.ndarray | None = None,
+        last_loss: np.ndarray | None = None,
     ) -> PrioritySnapshot:
         """Stratify a hardness array.
 
@@ -189,6 +218,9 @@ class PrioritySnapshot:
             version: Tag for the table state, stored on the snapshot.
             suspect: Bool per sample, suspected label errors (see `hardness.SuspectRule`);
                 None: no suspects.
+            last_loss: Each sample's last scored loss, what the adaptive size measures the
+                concentration of (the filter sees last losses: an average over past scorings
+                stays spread long after they concentrate); None: the hardness.
 
         Raises:
             ValueError: Empty or mismatched arrays.
@@ -222,6 +254,12 @@ class PrioritySnapshot:
         usable = eligible & finite
         h_max = float(np.max(h, where=usable, initial=0.0))
         np.copyto(h, np.float32(h_max), where=~finite)
+        concentration = 1.0
+        if config.size_factor > 0:
+            last = h[eligible] if last_loss is None else np.asarray(last_loss)[eligible]
+            last = np.where(np.isfinite(last), np.maximum(last, 0.0), float(np.max(
+                last, where=np.isfinite(last), initial=0.0)))
+            concentration = mass_share(last, config.size_mass)
         if config.priority == "uncertain":
             # p (1 - p) = p - p^2 with p = e^-h, in place (h is our copy); a blown-up loss
             # (h = h_max) counts as confidently wrong.
@@ -264,6 +302,7 @@ class PrioritySnapshot:
         return cls(
             config=config, n=n, unseen=np.flatnonzero(~is_seen), suspect=sus, members=members,
             bounds=bounds, q_mean=q_mean, suspects=np.flatnonzero(sus), version=version,
+            concentration=concentration,
         )
 
     def stratum(self, s: int) -> np.ndarray:
@@ -273,6 +312,16 @@ class PrioritySnapshot:
     @property
     def sizes(self) -> np.ndarray:
         return np.diff(self.bounds)
+
+    def trained(self, need: int, batches: int) -> int:
+        """Ids a round of `need` slots in `batches` batches (over all ranks) trains on: all of
+        them, or with an adaptive size `size_factor x concentration` of them, at least
+        `size_min` of them and one per batch."""
+        cfg = self.config
+        if cfg.size_factor <= 0 or self.concentration >= 1.0:
+            return need
+        share = min(1.0, max(cfg.size_min, cfg.size_factor * self.concentration))
+        return min(need, max(batches, math.ceil(share * need)))
 
     def allocate(self, slots: int) -> np.ndarray:
         """Expected ids each stratum gives to `slots` places (float64, summing to
@@ -304,6 +353,37 @@ class PrioritySnapshot:
                 break
             capped |= over
         return sizes * np.minimum(pi, 1.0)
+
+
+def mass_share(values: np.ndarray, mass: float, bins: int = 1024) -> float:
+    """Share of `values` (non-negative), largest first, that carry `mass` of their sum.
+
+    O(N), no sort: a histogram of log values, summed from the top bin down, interpolated
+    inside the bin where the mass is reached (exact to a bin's width, a factor of
+    `(max/min) ** (1/bins)` in value). 1 for an empty or all-zero input.
+
+    Example:
+        >>> float(mass_share(np.array([9.0, 0.5, 0.5]), 0.9))  # 9 of 10 is in one of three
+        0.3333333333333333
+    """
+    v = np.asarray(values, dtype=np.float64)
+    total = float(v.sum())
+    if len(v) == 0 or not total > 0:
+        return 1.0
+    pos = v[v > 0]
+    logs = np.log(pos)
+    lo, hi = float(logs.min()), float(logs.max())
+    if hi - lo < 1e-12:  # all equal: the mass is spread evenly
+        return min(1.0, math.ceil(mass * len(pos)) / len(v))
+    idx = np.minimum(((logs - lo) * (bins / (hi - lo))).astype(np.int64), bins - 1)
+    counts = np.bincount(idx, minlength=bins)[::-1]
+    sums = np.bincount(idx, weights=pos, minlength=bins)[::-1]
+    cum = np.cumsum(sums)
+    b = int(np.searchsorted(cum, mass * total - 1e-12 * total))
+    before = cum[b - 1] if b > 0 else 0.0
+    frac = (mass * total - before) / sums[b] if sums[b] > 0 else 0.0
+    n = float(counts[:b].sum()) + math.ceil(min(max(frac, 0.0), 1.0) * counts[b])
+    return min(1.0, n / len(v))
 
 
 def _round_counts(expected: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -424,23 +504,50 @@ def compose_round(
     need = validate_round_shape(snapshot.n, world_size, batches, batch_size)
     rng = round_rng(seed, round_, world_size)
     uniform = snapshot.config.is_uniform_round(round_)
+    train = need if uniform else snapshot.trained(need, world_size * batches)
     if uniform:
         chosen = rng.choice(snapshot.n, size=need, replace=False, shuffle=False).astype(np.int64)
         weights = np.ones(need, dtype=np.float32)
     else:
-        chosen, weights = _choose(snapshot, rng, need)
+        chosen, weights = _choose(snapshot, rng, train)
     weights[snapshot.suspect[chosen]] = 0.0
-    # Spread the unseen, the hardest and the suspects evenly over ranks and batches.
-    order = rng.permutation(need)
     shape = (world_size, batches, batch_size)
+    if train < need:
+        ids, weights = _with_skips(chosen, weights, snapshot.n, need, world_size * batches, rng)
+    else:
+        # Spread the unseen, the hardest and the suspects evenly over ranks and batches.
+        order = rng.permutation(need)
+        ids, weights = chosen[order], weights[order]
     return RoundPlan(
-        ids=chosen[order].reshape(shape),
-        weights=weights[order].reshape(shape),
+        ids=ids.reshape(shape),
+        weights=weights.reshape(shape),
         round=round_,
         world_size=world_size,
         uniform=uniform,
         version=snapshot.version,
     )
+
+
+def _with_skips(chosen: np.ndarray, weights: np.ndarray, n: int, need: int, slots: int,
+                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The round's `need` slots in `slots` batches: the chosen ids dealt out in turn, so
+    every batch trains on the same count +- 1, and the other slots filled with ids not chosen,
+    marked `SKIP` (a round's ids stay distinct, and ranks disjoint). O(N)."""
+    per = need // slots
+    order = rng.permutation(len(chosen))
+    j = np.arange(len(chosen))
+    at = (j % slots) * per + j // slots  # flat index into (slots, per)
+    ids = np.empty(need, dtype=np.int64)
+    w = np.full(need, SKIP, dtype=np.float32)
+    ids[at], w[at] = chosen[order], weights[order]
+    free = np.ones(n, dtype=bool)
+    free[chosen] = False
+    pool = np.flatnonzero(free)
+    rest = np.ones(need, dtype=bool)
+    rest[at] = False
+    ids[rest] = pool[rng.choice(len(pool), size=need - len(chosen), replace=False,
+                                shuffle=False)]
+    return ids, w
 
 
 def _choose(snapshot: PrioritySnapshot, rng: np.random.Generator,

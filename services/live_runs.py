@@ -233,7 +233,8 @@ class LiveRun:
                 if not rule.engaged(suspect, seen):  # too few to tell from hard samples
                     suspect, threshold = None, None
             self.suspect_threshold = threshold
-            snap = PrioritySnapshot.build(hardness, seen, cfg, version=version, suspect=suspect)
+            snap = PrioritySnapshot.build(hardness, seen, cfg, version=version, suspect=suspect,
+                                          last_loss=last_loss)
             self.priorities = snap
             return snap
 
@@ -535,6 +536,8 @@ def plan_config_to_strings(cfg: PlanConfig) -> dict[str, str]:
         "suspect_scorings": str(cfg.suspect_scorings),
         "suspect_factor": repr(cfg.suspect_factor), "suspect_floor": repr(cfg.suspect_floor),
         "suspect_min_share": repr(cfg.suspect_min_share),
+        "size_factor": repr(cfg.size_factor), "size_mass": repr(cfg.size_mass),
+        "size_min": repr(cfg.size_min),
     }
 
 
@@ -551,4 +554,7 @@ def plan_config_from_strings(d: dict[str, Any]) -> PlanConfig:
         suspect_factor=float(d.get("suspect_factor", default.suspect_factor)),
         suspect_floor=float(d.get("suspect_floor", default.suspect_floor)),
         suspect_min_share=float(d.get("suspect_min_share", default.suspect_min_share)),
+        size_factor=float(d.get("size_factor", default.size_factor)),
+        size_mass=float(d.get("size_mass", default.size_mass)),
+        size_min=float(d.get("size_min", default.size_min)),
     )

@@ -142,8 +142,9 @@ class Driver:
             this process has none, or None to leave Ray alone.
         plan: how plans lean toward hard samples (`PlanConfig`: alpha, lam, beta, ...);
             `total_rounds` is set from `rounds`. The workers apply the plans' weights when
-            they carry importance weights (`beta > 0`) or the noise guard is on (weight 0 for
-            a suspected label error, whatever beta).
+            they carry importance weights (`beta > 0`), the noise guard is on (weight 0 for
+            a suspected label error, whatever beta) or the size is adaptive (slots not to
+            train are marked by weight -1).
         worker: the workers' filter settings and plan fraction (`WorkerConfig`); its run,
             service, redis and rounds are filled in here.
         store_dir: where an embedded Redis keeps its append-only file (fsync every second);
@@ -182,7 +183,8 @@ class Driver:
             self._worker, run=self.run, service=self.service_url, redis=self.redis_url,
             rounds=self.rounds,
             importance_weights=(self._worker.importance_weights or self.plan.beta > 0
-                                or self.plan.suspect_rule() is not None),
+                                or self.plan.suspect_rule() is not None
+                                or self.plan.size_factor > 0),
         ).to_dict()
 
     def __enter__(self) -> Driver:

@@ -128,7 +128,12 @@ def _outage(e: SamplerError) -> bool:
 
 class Round(list[torch.Tensor]):
     """A round's batches of ids (and their importance weights, when the plan has them) that
-    call `hook` once iteration reaches batch `at`."""
+    call `hook` once iteration reaches batch `at`.
+
+    Iterating yields each batch with the slots the plan does not train (weight `SKIP`, an
+    adaptive plan size) as id -1, which `IdDataset` drops unloaded: a batch keeps its place in
+    the epoch (the step count, the LR schedule) and shrinks to what the plan trains.
+    """
 
     def __init__(self, batches: list[torch.Tensor], weights: list[torch.Tensor] | None = None,
                  at: int = -1, hook: Callable[[], None] | None = None) -> None:
@@ -140,13 +145,13 @@ class Round(list[torch.Tensor]):
         self._index: torch.Tensor | None = None  # weight by id, NaN where not planned
 
     def weights_of(self, ids: torch.Tensor) -> torch.Tensor | None:
-        """The importance weights of `ids` (ids of this round), or None if it has none."""
+        """The importance weights of `ids` (ids this round trains), or None if it has none."""
         if self.weights is None:
             return None
         if self._index is None:  # once per round: a lookup is then one gather
             all_ids, weights = torch.cat(list(super().__iter__())), torch.cat(self.weights)
             self._index = torch.full((int(all_ids.max()) + 1,), math.nan)
-            self._index[all_ids] = weights.float()
+            self._index[all_ids] = torch.where(weights < 0, math.nan, weights.float())
         ids = ids.cpu()
         if len(ids) and not (int(ids.min()) >= 0 and int(ids.max()) < len(self._index)):
             raise ValueError("these ids are not in the current round's plan")
@@ -159,4 +164,6 @@ class Round(list[torch.Tensor]):
         for i, batch in enumerate(super().__iter__()):
             if i == self._at and self._hook is not None:
                 self._hook()
+            if self.weights is not None:
+                batch = torch.where(self.weights[i] < 0, -1, batch)
             yield batch

@@ -134,7 +134,8 @@ class IdDataset(Dataset):
     with their batch through any `DataLoader` (worker processes, Ray's device transfer).
 
     A `TensorDataset` is fetched a whole batch at a time (`__getitems__`: one gather per tensor
-    instead of one item per sample); `IdCollate` passes such a batch through.
+    instead of one item per sample); `IdCollate` passes such a batch through. Id -1 marks a
+    slot the plan does not train (`plan_source.Round`): it is dropped, never loaded.
     """
 
     def __init__(self, dataset: Dataset) -> None:
@@ -147,6 +148,7 @@ class IdDataset(Dataset):
         return i, self.dataset[i]
 
     def __getitems__(self, ids: list[int]) -> Any:
+        ids = [i for i in ids if i >= 0]
         if isinstance(self.dataset, TensorDataset):
             idx = torch.as_tensor(ids, dtype=torch.long)
             return _Batch((idx, tuple(t[idx] for t in self.dataset.tensors)))

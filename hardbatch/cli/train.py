@@ -20,14 +20,16 @@ from hardbatch.trainer.train import RunResult, fit
 def print_summary(result: RunResult) -> None:
     from hardbatch.trainer.streaming import fixed
 
-    print(f"\n{'epoch':>5}{'train loss':>12}{'val loss':>10}{'val acc':>9}{'kept':>7}"
-          f"{'loss share':>12}{'filtered':>10}{'time s':>8}")
+    print(f"\n{'epoch':>5}{'train loss':>12}{'val loss':>10}{'val acc':>9}{'scored':>8}"
+          f"{'kept':>7}{'loss share':>12}{'filtered':>10}{'time s':>8}")
     for e in result.epochs:
+        # scored: share of the epoch's batch slots scored (below 1: an adaptive plan size).
         # filtered: share of the epoch's steps the filter ran on (the cost model's choice);
         # runs resumed from before it was recorded have none.
         filtered = f"{e['filter_steps']:>10.2f}" if "filter_steps" in e else f"{'-':>10}"
         print(f"{e['epoch']:>5}{fixed(e['train_loss'], 12)}{fixed(e['val_loss'], 10)}"
-              f"{100 * e['val_accuracy']:>8.2f}%{e['samp_perc']:>7.2f}{e['loss_perc']:>12.3f}"
+              f"{100 * e['val_accuracy']:>8.2f}%{e.get('scored_perc', 1.0):>8.2f}"
+              f"{e['samp_perc']:>7.2f}{e['loss_perc']:>12.3f}"
               f"{filtered}{e['train_time_s']:>8.1f}")
 
 

@@ -87,6 +87,15 @@ class PlanConfigModel(BaseModel):
         default=_PLAN.suspect_min_share, ge=0.0, le=1.0,
         description="The guard engages only when at least this share of the scored samples "
                     "would be suspect.")
+    size_factor: float = Field(
+        default=_PLAN.size_factor, ge=0.0, le=1e3,
+        description="Adaptive plan size: a round trains on this many times the share of the "
+                    "scored samples carrying size_mass of their last losses; the other slots are "
+                    "marked skip (weight -1). 0: every slot is trained.")
+    size_mass: float = Field(default=_PLAN.size_mass, gt=0.0, le=1.0,
+                             description="Share of the last losses the adaptive size counts for.")
+    size_min: float = Field(default=_PLAN.size_min, gt=0.0, le=1.0,
+                            description="Least share of a round the adaptive size trains on.")
 
     def to_config(self) -> PlanConfig:
         return PlanConfig(**self.model_dump())
@@ -98,7 +107,8 @@ class PlanConfigModel(BaseModel):
                    hardness=cfg.hardness, strata=cfg.strata,  # type: ignore[arg-type]
                    priority=cfg.priority,  # type: ignore[arg-type]
                    suspect_scorings=cfg.suspect_scorings, suspect_factor=cfg.suspect_factor,
-                   suspect_floor=cfg.suspect_floor, suspect_min_share=cfg.suspect_min_share)
+                   suspect_floor=cfg.suspect_floor, suspect_min_share=cfg.suspect_min_share,
+                   size_factor=cfg.size_factor, size_mass=cfg.size_mass, size_min=cfg.size_min)
 
 
 class RunDetail(BaseModel):

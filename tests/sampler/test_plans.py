@@ -6,9 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from hardbatch.sampler.plans import (
+    SKIP,
     PlanConfig,
     PrioritySnapshot,
     compose_round,
+    mass_share,
     validate_round_shape,
 )
 
@@ -259,7 +261,8 @@ def test_bad_hardness_values_get_a_policy():
         {"beta": 2.0}, {"anneal_frac": 0.5}, {"anneal_frac": 1.5, "total_rounds": 4},
         {"total_rounds": 0}, {"hardness": "loss"}, {"strata": 0}, {"strata": 257},
         {"suspect_scorings": 0}, {"suspect_factor": -1.0}, {"suspect_factor": float("inf")},
-        {"suspect_floor": float("inf")}, {"priority": "hard"},
+        {"suspect_floor": float("inf")}, {"priority": "hard"}, {"size_factor": -1.0},
+        {"size_factor": float("nan")}, {"size_mass": 0.0}, {"size_mass": 1.5}, {"size_min": 0.0},
     ],
 )
 def test_bad_config_raises(cfg):
@@ -290,3 +293,90 @@ def test_bad_round_raises():
         PrioritySnapshot.build(np.zeros(3), np.zeros(4), PlanConfig())
     with pytest.raises(ValueError, match="suspect"):
         PrioritySnapshot.build(np.zeros(3), np.zeros(3), PlanConfig(), suspect=np.zeros(4))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_mass_share_matches_the_sorted_count(seed):
+    rng = np.random.default_rng(seed)
+    v = rng.exponential(size=20_000) ** (1 + seed)
+    v[:100] = 0.0  # zeros carry nothing but count in the share's denominator
+    desc = np.sort(v)[::-1]
+    for mass in (0.5, 0.9, 0.99):
+        exact = (np.searchsorted(np.cumsum(desc), mass * v.sum()) + 1) / len(v)
+        assert mass_share(v, mass) == pytest.approx(exact, abs=0.01)
+
+
+def test_mass_share_of_spread_and_degenerate_inputs():
+    assert mass_share(np.ones(10), 0.9) == pytest.approx(0.9)
+    assert mass_share(np.zeros(5), 0.9) == 1.0
+    assert mass_share(np.zeros(0), 0.9) == 1.0
+    assert mass_share(np.array([100.0] + [1e-3] * 999), 0.9) == pytest.approx(0.001)
+
+
+def _adaptive(seed=0, n=20_000, **cfg):
+    # Most samples learned (loss ~0.01), a tenth still hard (loss ~2).
+    rng = np.random.default_rng(seed)
+    h = np.where(rng.random(n) < 0.1, rng.uniform(1.0, 3.0, n), rng.uniform(0.0, 0.02, n))
+    return h, _snapshot(h, **{"size_factor": 4.0, "beta": 0.0, **cfg})
+
+
+def test_adaptive_size_trains_a_multiple_of_the_concentrated_share_spread_over_batches():
+    h, snap = _adaptive()
+    desc = np.sort(h)[::-1]
+    share = (np.searchsorted(np.cumsum(desc), 0.9 * h.sum()) + 1) / len(h)
+    assert snap.concentration == pytest.approx(share, abs=0.005) and share < 0.1
+    plan = compose_round(snap, seed=3, round_=2, world_size=2, batches=10, batch_size=1000)
+    flat = plan.ids.ravel()
+    assert len(np.unique(flat)) == flat.size == 20_000  # distinct, every rank disjoint
+    trained = plan.weights >= 0
+    assert trained.sum() == snap.trained(20_000, 20) == np.ceil(4 * snap.concentration * 20_000)
+    per_batch = trained.sum(axis=2)
+    assert per_batch.max() - per_batch.min() <= 1  # every step trains the same count +- 1
+    assert np.all(plan.weights[~trained] == SKIP)
+    # Hard-biased: nearly all hard samples are in, the learned ones fill the uniform floor.
+    hard = h > 0.5
+    assert hard[plan.ids[trained]].mean() > 0.25 > hard.mean()
+    assert hard[plan.ids[trained]].sum() > 0.9 * hard.sum()
+    again = compose_round(snap, seed=3, round_=2, world_size=2, batches=10, batch_size=1000)
+    assert np.array_equal(again.ids, plan.ids) and np.array_equal(again.weights, plan.weights)
+
+
+def test_adaptive_size_is_the_whole_round_while_losses_are_spread_or_unseen():
+    rng = np.random.default_rng(1)
+    spread = _snapshot(rng.uniform(1.0, 2.0, 5000), size_factor=4.0)
+    assert spread.concentration > 0.25 and spread.trained(4000, 8) == 4000
+    unseen = _snapshot(np.zeros(5000), seen=np.zeros(5000), size_factor=4.0)
+    assert unseen.concentration == 1.0
+    plan = compose_round(unseen, seed=0, round_=0, world_size=1, batches=8, batch_size=500)
+    assert np.all(plan.weights >= 0)
+
+
+def test_adaptive_size_floor_uniform_control_and_annealing():
+    h, snap = _adaptive(size_factor=1.0, size_min=0.3)
+    assert snap.trained(20_000, 20) == 6000  # 1 x ~0.07 is below the floor of 0.3
+    assert snap.trained(40, 20) == 20  # at least one per batch
+    _, off = _adaptive(size_factor=0.0)
+    assert off.concentration == 1.0 and off.trained(20_000, 20) == 20_000
+    _, uni = _adaptive(alpha=0.0)  # the same size, uniform over the scored samples
+    plan = compose_round(uni, seed=0, round_=1, world_size=1, batches=10, batch_size=2000)
+    trained = plan.weights >= 0
+    assert trained.sum() == snap.trained(20_000, 20) * 0 + uni.trained(20_000, 10)
+    assert (h[plan.ids[trained]] > 0.5).mean() == pytest.approx(0.1, abs=0.03)
+    _, ann = _adaptive(anneal_frac=0.5, total_rounds=4)
+    plan = compose_round(ann, seed=0, round_=3, world_size=1, batches=10, batch_size=2000)
+    assert plan.uniform and np.all(plan.weights == 1.0)
+
+
+def test_adaptive_size_measures_last_losses_not_the_average():
+    # An average over past scorings stays spread (every sample was hard once) while the last
+    # losses have concentrated on a few: the size follows the last losses.
+    n = 10_000
+    ema = np.full(n, 1.0, dtype=np.float32)
+    last = np.full(n, 1e-3, dtype=np.float32)
+    last[:500] = 2.0
+    snap = PrioritySnapshot.build(ema, np.ones(n), PlanConfig(size_factor=4.0), last_loss=last)
+    # 90% of the total (1000 + 9.5) is 455 of the 500 hard samples
+    assert snap.concentration == pytest.approx(0.0455, abs=0.001)
+    assert snap.trained(n, 10) == pytest.approx(0.182 * n, abs=40)
+    spread = PrioritySnapshot.build(ema, np.ones(n), PlanConfig(size_factor=4.0))
+    assert spread.trained(n, 10) == n

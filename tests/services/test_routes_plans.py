@@ -180,3 +180,19 @@ def test_a_run_registered_again_gets_new_rounds(service, store, fill):
     assert r.status_code == 200, r.text
     ids = np.array(r.json()["ids"])
     assert ids.max() < 300 and len(np.unique(ids)) == 200
+
+
+def test_adaptive_plans_mark_the_slots_not_to_train(service, store, fill):
+    fill(store, "adaptive", 2000, batches=30, per_batch=400, seed=9)
+    service.wait_ready(runs=("adaptive",))
+    with service.client() as c:
+        r = c.put("/v1/runs/adaptive/plan-config",
+                  json={"alpha": 1.0, "beta": 0.0, "size_factor": 0.5})
+        assert r.status_code == 200, r.text
+        p = _plan(c, "adaptive", round=4, batches=2, batch_size=100, with_weights=True).json()
+    ids, w = np.array(p["ids"]), np.array(p["weights"])
+    trained = w >= 0
+    # At most half the round trains; the rest are distinct ids marked -1, never weights.
+    assert 2 <= trained.sum() <= 100 and np.all(w[~trained] == -1.0)
+    assert abs(int(trained[0].sum()) - int(trained[1].sum())) <= 1
+    assert len(np.unique(ids)) == ids.size

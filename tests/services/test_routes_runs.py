@@ -43,7 +43,8 @@ def test_plan_config_roundtrip(service, filled, store, fill):
     service.wait_ready(runs=("cfgrun",))
     with service.client() as c:
         assert c.get("/v1/runs/cfgrun/plan-config").json()["lam"] == 0.1
-        new = {"alpha": 2.0, "lam": 0.2, "beta": 0.5, "anneal_frac": 0.25, "total_rounds": 40}
+        new = {"alpha": 2.0, "lam": 0.2, "beta": 0.5, "anneal_frac": 0.25, "total_rounds": 40,
+               "size_factor": 4.0, "size_mass": 0.8, "size_min": 0.1}
         r = c.put("/v1/runs/cfgrun/plan-config", json=new)
         assert r.status_code == 200, r.text
         got = c.get("/v1/runs/cfgrun/plan-config").json()

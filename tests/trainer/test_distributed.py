@@ -87,3 +87,9 @@ def test_the_noise_guard_is_on_by_default_and_can_be_turned_off():
     on, off = JobConfig().plan_config(), JobConfig(guard=False).plan_config()
     assert on.suspect_rule() is not None and off.suspect_rule() is None
     assert off == dataclasses.replace(on, suspect_factor=0.0)
+
+
+def test_an_adaptive_plan_size_reaches_the_service_with_the_filters_mass():
+    plan = JobConfig(size_factor=4.0, min_loss_perc=0.8).plan_config()
+    assert (plan.size_factor, plan.size_mass) == (4.0, 0.8)
+    assert JobConfig(size_factor=0.0).plan_config().size_factor == 0.0

@@ -62,3 +62,29 @@ def test_plans_over_part_of_the_data_drop_batches_or_keep_steps(redis_url, keep_
     steps = 20 if keep_steps else 8
     assert [e["step"] for e in result.evals] == [steps, 2 * steps]
     assert records == 2 * 800
+
+
+def test_an_adaptive_plan_size_keeps_the_steps_and_scores_only_what_the_plan_trains(
+        redis_url, monkeypatch):
+    from hardbatch.trainer.distributed import JobConfig
+    from hardbatch.trainer.driver import Driver
+    from hardbatch.trainer.train import Runtime, fit
+
+    # The service follows the table every refresh_s (2 s): these epochs take a fraction of that.
+    monkeypatch.setenv("HARDBATCH_REFRESH_S", "0.05")
+    # size_factor 0.5: at most half of the 90%-of-the-loss share, below half a round whatever
+    # the losses; round 0 (nothing scored yet) trains everything.
+    job = JobConfig(num_samples=2000, width=8, batch_size=100, epochs=4, size_factor=0.5,
+                    beta=0.0, anneal_frac=0.0, workers=1, threads=1, progress=False,
+                    redis=redis_url)
+    with Driver(2000, job.epochs, run="adaptive", redis=redis_url, ray_address=None,
+                plan=job.plan_config(), worker=job.worker_config()) as driver:
+        assert driver.worker_config["importance_weights"]  # the skip marks travel as weights
+        result = fit(job.train_config(), runtime=Runtime(hardbatch=driver.worker_config))
+        driver.top(1)
+        records = driver.info()["records"]
+    assert [e["step"] for e in result.evals] == [20, 40, 60, 80]  # every epoch's steps
+    scored = [e["scored_perc"] for e in result.epochs]
+    # Round 1 is asked for at 90% of round 0, maybe before the service saw its losses.
+    assert scored[0] == 1.0 and all(0.05 <= s < 0.5 for s in scored[2:]), scored
+    assert records == round(2000 * sum(scored))  # what was scored, nothing skipped

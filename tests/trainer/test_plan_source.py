@@ -105,3 +105,12 @@ def test_a_round_looks_up_weights_by_id_and_refuses_ids_it_did_not_plan():
 def test_a_round_whose_weights_are_all_one_applies_none():
     rnd = Round([torch.tensor([3, 1])], [torch.ones(2)])
     assert rnd.weights is None and rnd.weights_of(torch.tensor([1])) is None
+
+
+def test_a_round_yields_skipped_slots_as_minus_one_and_never_weighs_them():
+    rnd = Round([torch.tensor([5, 2, 7]), torch.tensor([9, 0, 4])],
+                [torch.tensor([1.0, -1.0, 0.0]), torch.tensor([-1.0, -1.0, 1.0])])
+    assert [b.tolist() for b in rnd] == [[5, -1, 7], [-1, -1, 4]]
+    assert rnd.weights_of(torch.tensor([4, 7])).tolist() == [1.0, 0.0]
+    with pytest.raises(ValueError, match="not in the current round"):
+        rnd.weights_of(torch.tensor([2]))

@@ -103,3 +103,22 @@ def test_count_correct_scores_each_element_in_either_layout():
 def test_a_task_metric_must_be_known():
     with pytest.raises(ValueError, match="metric must be one of"):
         Task(model=torch.nn.Linear(1, 1), train=[], val=[], metric="f1")  # type: ignore[arg-type]
+
+
+def test_skipped_slots_are_dropped_unloaded():
+    from hardbatch.trainer.task import IdCollate, IdDataset
+
+    class Loud(torch.utils.data.Dataset):
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, i):
+            assert i >= 0, "a skipped slot was loaded"
+            return torch.tensor([float(i)])
+
+    tensors = torch.utils.data.TensorDataset(torch.arange(10.0)[:, None])
+    for ds in (Loud(), tensors):
+        ids, batch = IdCollate()(IdDataset(ds).__getitems__([3, -1, 8, -1]))
+        assert ids.tolist() == [3, 8]
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        assert x[:, 0].tolist() == [3.0, 8.0]
