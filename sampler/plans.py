@@ -313,15 +313,21 @@ class PrioritySnapshot:
     def sizes(self) -> np.ndarray:
         return np.diff(self.bounds)
 
-    def trained(self, need: int, batches: int) -> int:
-        """Ids a round of `need` slots in `batches` batches (over all ranks) trains on: all of
-        them, or with an adaptive size `size_factor x concentration` of them, at least
-        `size_min` of them and one per batch."""
+    @property
+    def share(self) -> float:
+        """Share of a round's slots it trains: 1, or with an adaptive size
+        `size_factor x concentration`, at least `size_min`."""
         cfg = self.config
         if cfg.size_factor <= 0 or self.concentration >= 1.0:
+            return 1.0
+        return min(1.0, max(cfg.size_min, cfg.size_factor * self.concentration))
+
+    def trained(self, need: int, batches: int) -> int:
+        """Ids a round of `need` slots in `batches` batches (over all ranks) trains on:
+        `share` of them, and at least one per batch."""
+        if self.share >= 1.0:
             return need
-        share = min(1.0, max(cfg.size_min, cfg.size_factor * self.concentration))
-        return min(need, max(batches, math.ceil(share * need)))
+        return min(need, max(batches, math.ceil(self.share * need)))
 
     def allocate(self, slots: int) -> np.ndarray:
         """Expected ids each stratum gives to `slots` places (float64, summing to

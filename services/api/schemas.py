@@ -131,6 +131,10 @@ class RunDetail(BaseModel):
         default=None, description="Records the plan priorities were last rebuilt from (every "
         "refresh_s): a round composed now leans on these, not on later records."
     )
+    plan_share: float | None = Field(
+        default=None, description="Share of a round's slots a round composed now trains: 1, "
+        "or below with an adaptive size (plan_config.size_factor x the share of samples "
+        "carrying size_mass of the last losses).")
     seen_samples: int | None = None
     kept_fraction: float | None = Field(default=None, description="Share of scored records kept.")
     ingest_rate: float | None = Field(

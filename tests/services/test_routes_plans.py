@@ -190,7 +190,9 @@ def test_adaptive_plans_mark_the_slots_not_to_train(service, store, fill):
                   json={"alpha": 1.0, "beta": 0.0, "size_factor": 0.5})
         assert r.status_code == 200, r.text
         p = _plan(c, "adaptive", round=4, batches=2, batch_size=100, with_weights=True).json()
+        share = c.get("/v1/runs/adaptive").json()["plan_share"]
     ids, w = np.array(p["ids"]), np.array(p["weights"])
+    assert 0.05 <= share <= 0.5
     trained = w >= 0
     # At most half the round trains; the rest are distinct ids marked -1, never weights.
     assert 2 <= trained.sum() <= 100 and np.all(w[~trained] == -1.0)

@@ -233,3 +233,28 @@ def test_weight_zero_is_never_trained_and_weights_normalize_the_loss():
     torch.testing.assert_close(loss, (w * scored[keep]).sum() / w.sum())
     (_, losses, kept, _, _), = rec.calls
     assert len(losses) == n and not kept[7]  # scored and reported, not trained
+
+
+def test_skipped_slots_are_never_loaded_scored_or_reported_and_the_steps_stay():
+    from hardbatch.trainer.plan_source import Round
+
+    n, bs = 12, 4
+    ds = TensorDataset(torch.arange(n, dtype=torch.float32)[:, None], torch.zeros(n))
+    batches = list(torch.arange(n).reshape(3, bs))
+    # An adaptive plan: 1-2 ids of each batch trained, the rest marked -1 (skip).
+    weights = [torch.tensor([1.0, -1.0, -1.0, -1.0]), torch.tensor([-1.0, 1.0, 1.0, -1.0]),
+               torch.tensor([-1.0, -1.0, -1.0, 1.0])]
+    rec = Recorder()
+    cfg = WorkerConfig(importance_weights=True, cost_model=False)
+    with Worker(cfg, ds, batch_size=bs, reporter=rec) as hb:
+        hb.sampler._rounds = lambda e: Round(batches, weights)
+        seen = []
+        for ids, (x, _) in hb.batches(0):
+            assert x[:, 0].tolist() == ids.tolist()  # the items are the ids' own
+            seen.append(ids.tolist())
+            keep = hb.select(ids, x[:, 0] + 1.0)
+            hb.loss(x[keep, 0] + 1.0)
+        assert hb.step == 3 and hb.steps_per_epoch == 3
+        assert hb.summary()["scored_perc"] == pytest.approx(4 / 12)
+    assert seen == [[0], [5, 6], [11]]
+    assert [c[0].tolist() for c in rec.calls] == seen  # only what was scored is reported

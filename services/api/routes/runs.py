@@ -57,6 +57,7 @@ def get_run(run: RunName, state: State) -> RunDetail:
             detail.applied_records = r.version()
             if r.priorities is not None:
                 detail.priorities_records = r.priorities.version
+                detail.plan_share = r.priorities.share
             detail.seen_samples = s.seen_samples
             detail.kept_fraction = s.kept_fraction
             detail.ingest_rate = s.ingest_rate
