@@ -84,7 +84,8 @@ def test_quick_frontier_on_mnist1d_in_one_process(tmp_path):
                for run in hardbatch_runs)
     assert saved["ablations"]["cost_model"] == {"overrides": {"cost_model": True},
                                                  "same_as_default": d.cost_model}
-    assert saved["ablations"]["half_weighted"]["overrides"] == {"plan_fraction": 0.5,
+    assert saved["ablations"]["half_weighted"]["overrides"] == {"size_factor": 0.0,
+                                                                "plan_fraction": 0.5,
                                                                 "beta": 1.0}
     # budgets are passes: plans over half the data train twice the epochs
     half = {run["passes"]: run["epochs"] for run in saved["runs"] if run["arm"] == "half"}
