@@ -159,6 +159,12 @@ class PlanConfig:
         return SuspectRule(self.suspect_scorings, self.suspect_factor, self.suspect_floor,
                            self.suspect_min_share)
 
+    @property
+    def weighs_samples(self) -> bool:
+        """Whether a worker must apply this config's plan weights: importance weights
+        (`beta > 0`), weight 0 for suspects (the noise guard) or `SKIP` (an adaptive size)."""
+        return self.beta > 0 or self.suspect_rule() is not None or self.size_factor > 0
+
     def is_uniform_round(self, round_: int) -> bool:
         """Whether `round_` falls in the annealed (uniform) tail of training."""
         if self.anneal_frac <= 0.0 or self.total_rounds is None:
@@ -256,10 +262,8 @@ class PrioritySnapshot:
         np.copyto(h, np.float32(h_max), where=~finite)
         concentration = 1.0
         if config.size_factor > 0:
-            last = h[eligible] if last_loss is None else np.asarray(last_loss)[eligible]
-            last = np.where(np.isfinite(last), np.maximum(last, 0.0), float(np.max(
-                last, where=np.isfinite(last), initial=0.0)))
-            concentration = mass_share(last, config.size_mass)
+            last = h if last_loss is None else np.asarray(last_loss)
+            concentration = mass_share(last[eligible], config.size_mass)
         if config.priority == "uncertain":
             # p (1 - p) = p - p^2 with p = e^-h, in place (h is our copy); a blown-up loss
             # (h = h_max) counts as confidently wrong.
@@ -325,9 +329,10 @@ class PrioritySnapshot:
     def trained(self, need: int, batches: int) -> int:
         """Ids a round of `need` slots in `batches` batches (over all ranks) trains on:
         `share` of them, and at least one per batch."""
-        if self.share >= 1.0:
+        share = self.share
+        if share >= 1.0:
             return need
-        return min(need, max(batches, math.ceil(self.share * need)))
+        return min(need, max(batches, math.ceil(share * need)))
 
     def allocate(self, slots: int) -> np.ndarray:
         """Expected ids each stratum gives to `slots` places (float64, summing to
@@ -362,17 +367,22 @@ class PrioritySnapshot:
 
 
 def mass_share(values: np.ndarray, mass: float, bins: int = 1024) -> float:
-    """Share of `values` (non-negative), largest first, that carry `mass` of their sum.
+    """Share of `values`, largest first, that carry `mass` of their sum.
 
     O(N), no sort: a histogram of log values, summed from the top bin down, interpolated
     inside the bin where the mass is reached (exact to a bin's width, a factor of
-    `(max/min) ** (1/bins)` in value). 1 for an empty or all-zero input.
+    `(max/min) ** (1/bins)` in value). Negative values count as 0 and NaN/inf as the largest
+    finite value, as in `PrioritySnapshot.build`. 1 for an empty or all-zero input.
 
     Example:
         >>> float(mass_share(np.array([9.0, 0.5, 0.5]), 0.9))  # 9 of 10 is in one of three
         0.3333333333333333
     """
     v = np.asarray(values, dtype=np.float64)
+    finite = np.isfinite(v)
+    if not finite.all():
+        v = np.where(finite, v, np.max(v, where=finite, initial=0.0))
+    v = np.maximum(v, 0.0)
     total = float(v.sum())
     if len(v) == 0 or not total > 0:
         return 1.0

@@ -182,9 +182,7 @@ class Driver:
         return dataclasses.replace(
             self._worker, run=self.run, service=self.service_url, redis=self.redis_url,
             rounds=self.rounds,
-            importance_weights=(self._worker.importance_weights or self.plan.beta > 0
-                                or self.plan.suspect_rule() is not None
-                                or self.plan.size_factor > 0),
+            importance_weights=self._worker.importance_weights or self.plan.weighs_samples,
         ).to_dict()
 
     def __enter__(self) -> Driver:

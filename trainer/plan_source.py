@@ -141,6 +141,10 @@ class Round(list[torch.Tensor]):
         # Weights all 1 (plans over all the data, no suspects) change nothing: none to apply.
         ones = weights is not None and all(bool((w == 1).all()) for w in weights)
         self.weights = None if ones else weights
+        # Slots the plan does not train (an adaptive size): yielded as id -1.
+        self._skips = (None if self.weights is None or not any(bool((w < 0).any())
+                                                                for w in self.weights)
+                       else [w < 0 for w in self.weights])
         self._at, self._hook = at, hook
         self._index: torch.Tensor | None = None  # weight by id, NaN where not planned
 
@@ -164,6 +168,6 @@ class Round(list[torch.Tensor]):
         for i, batch in enumerate(super().__iter__()):
             if i == self._at and self._hook is not None:
                 self._hook()
-            if self.weights is not None:
-                batch = torch.where(self.weights[i] < 0, -1, batch)
+            if self._skips is not None:
+                batch = torch.where(self._skips[i], -1, batch)
             yield batch

@@ -380,3 +380,9 @@ def test_adaptive_size_measures_last_losses_not_the_average():
     assert snap.trained(n, 10) == pytest.approx(0.182 * n, abs=40)
     spread = PrioritySnapshot.build(ema, np.ones(n), PlanConfig(size_factor=4.0))
     assert spread.trained(n, 10) == n
+
+
+def test_mass_share_reads_bad_values_as_the_snapshot_does():
+    # NaN/inf: the largest finite value; negative: 0.
+    assert mass_share(np.array([np.nan, 1.0, -5.0, 1.0]), 0.6) == pytest.approx(0.5)
+    assert mass_share(np.array([np.inf, -1.0]), 0.9) == 1.0  # nothing finite above 0
