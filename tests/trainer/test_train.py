@@ -21,7 +21,7 @@ def test_local_plan_is_a_seeded_permutation():
 
 def test_runs_are_reproducible_on_cpu():
     # The cost model decides from measured times: the deterministic schedule is without it.
-    det = dataclasses.replace(SMALL, cost_model=False)
+    det = dataclasses.replace(SMALL, cost_model=False, device="cpu")
     a, b = fit(det), fit(det)
     assert [e["val_loss"] for e in a.evals] == [e["val_loss"] for e in b.evals]
     assert [e["samp_perc"] for e in a.epochs] == [e["samp_perc"] for e in b.epochs]
