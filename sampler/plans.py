@@ -97,6 +97,9 @@ class PlanConfig:
         size_mass: Share of the total last loss the adaptive size counts samples for (the
             loss filter's `min_loss_perc`).
         size_min: The adaptive size never goes below this share of the round.
+        seed: Seeds the rounds' random streams (with the round and world size); None seeds
+            them from the run's name. A `Driver` sets the workers' seed, so two runs of one
+            seed get the same plans whatever they are called.
     """
 
     alpha: float = 1.0
@@ -115,6 +118,7 @@ class PlanConfig:
     size_factor: float = 0.0
     size_mass: float = 0.9
     size_min: float = 0.05
+    seed: int | None = None
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.alpha) and 0.0 <= self.alpha <= 16.0):
@@ -151,6 +155,8 @@ class PlanConfig:
             raise ValueError(f"size_mass must be in (0, 1], got {self.size_mass}")
         if not (math.isfinite(self.size_min) and 0.0 < self.size_min <= 1.0):
             raise ValueError(f"size_min must be in (0, 1], got {self.size_min}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
 
     def suspect_rule(self) -> SuspectRule | None:
         """The noise guard's rule, or None when it is off."""

@@ -93,11 +93,13 @@ class SamplerClient:
     # -- plans -----------------------------------------------------------------------------
 
     def plan(self, run: str, *, rank: int, world_size: int, round: int, batches: int,
-             batch_size: int, with_weights: bool = False, with_losses: bool = False) -> Plan:
-        """This rank's plan for one round (composed by the service for all ranks)."""
+             batch_size: int, with_weights: bool = False, with_losses: bool = False,
+             after_losses: bool = False) -> Plan:
+        """This rank's plan for one round (composed by the service for all ranks; with
+        `after_losses` from all of the previous round's losses, which the service waits for)."""
         body = {"rank": rank, "world_size": world_size, "round": round, "batches": batches,
                 "batch_size": batch_size, "with_weights": with_weights,
-                "with_losses": with_losses}
+                "with_losses": with_losses, "after_losses": after_losses}
         resp = self._request("POST", f"/v1/runs/{run}/plans", json=body,
                              headers={"Accept": ARROW_STREAM})
         try:

@@ -124,6 +124,7 @@ class LiveRun:
         self.created_at: float | None = None
         self.last_world_size: int | None = None
         self.last_round: int | None = None
+        self.rounds_composed_early = 0  # before the previous round's losses were all in
         self.last_used = time.monotonic()
         self.last_snapshot = time.monotonic()
         self._loaders = loaders
@@ -196,15 +197,34 @@ class LiveRun:
         with m.lock:
             return m.table.applied
 
-    def priority_snapshot(self) -> PrioritySnapshot:
+    def priority_snapshot(self, current: bool = False) -> PrioritySnapshot:
         """The latest plan priorities under the config Redis has now (a change made through
-        another replica counts at once); rebuilt if none is there or the config changed."""
+        another replica counts at once); rebuilt if none is there or the config changed, and
+        with `current` also if the table changed since (what a round is composed from)."""
         if self._read_config is not None:
             self.plan_config = self._read_config()
         snap = self.priorities
         if snap is not None and snap.config == self.plan_config:
-            return snap
+            return self.refresh_priorities() if current else snap
         return self.refresh_priorities(force=True)
+
+    def await_round(self, round_: int, trained: int, timeout_s: float) -> bool:
+        """Waits until `trained` samples have round `round_` as their latest scoring (each
+        sample a round trains gets one record of it); False if `timeout_s` passed first."""
+        deadline = time.monotonic() + timeout_s
+        counted_at, got = -1, 0
+        while True:
+            m = self.mat()
+            with m.lock:
+                if m.table.applied != counted_at:  # count again only when records came in
+                    counted_at = m.table.applied
+                    got = int(np.count_nonzero((m.table.last_round == round_ % 2**16)
+                                               & (m.table.seen > 0)))
+            if got >= trained:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.002)
 
     def refresh_priorities(self, force: bool = False) -> PrioritySnapshot:
         """Rebuilds the plan priorities from the table if it changed since the last build."""
@@ -537,7 +557,7 @@ def plan_config_to_strings(cfg: PlanConfig) -> dict[str, str]:
         "suspect_factor": repr(cfg.suspect_factor), "suspect_floor": repr(cfg.suspect_floor),
         "suspect_min_share": repr(cfg.suspect_min_share),
         "size_factor": repr(cfg.size_factor), "size_mass": repr(cfg.size_mass),
-        "size_min": repr(cfg.size_min),
+        "size_min": repr(cfg.size_min), "seed": "" if cfg.seed is None else str(cfg.seed),
     }
 
 
@@ -557,4 +577,5 @@ def plan_config_from_strings(d: dict[str, Any]) -> PlanConfig:
         size_factor=float(d.get("size_factor", default.size_factor)),
         size_mass=float(d.get("size_mass", default.size_mass)),
         size_min=float(d.get("size_min", default.size_min)),
+        seed=int(d["seed"]) if d.get("seed") else None,
     )

@@ -30,7 +30,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         live = LiveRuns(store, settings.default_plan_config(), settings.refresh_s,
                         settings.snapshot_interval_s, idle_evict_s=settings.idle_evict_s)
         rounds = RoundStore(store.client, settings.plan_ttl_s, settings.plan_cache_rounds,
-                            grace_s=settings.plan_grace_s, max_rounds=settings.plan_max_rounds)
+                            grace_s=settings.plan_grace_s, max_rounds=settings.plan_max_rounds,
+                            wait_s=settings.round_wait_s)
         app.state.service = ServiceState(settings, store, live, rounds, PlanLatency())
         live.start()
         yield

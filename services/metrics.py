@@ -120,6 +120,10 @@ def render_metrics(runs: LiveRuns, latency: PlanLatency) -> str:
                 "entries in a restart).",
                 [(f'run="{r.run}"', r.materializer.reloads) for r in runs.loaded()
                  if r.materializer is not None], "counter"),
+        *_gauge("hardbatch_rounds_composed_early_total",
+                "Rounds composed before all of the previous round's losses arrived (not "
+                "reproducible per seed).",
+                [(f'run="{r.run}"', r.rounds_composed_early) for r in runs.loaded()], "counter"),
         *_gauge("hardbatch_run_ready", "Whether a loaded run's table follows its log.",
                 [(f'run="{r.run}"', int(r.state == "ready")) for r in runs.loaded()]),
     ]

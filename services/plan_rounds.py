@@ -15,20 +15,31 @@ rounds) and expires after `plan_ttl_s`. Rounds do not pile up: once every rank o
 fetched it, it expires `plan_grace_s` later (long enough for a worker group that restarts to
 fetch the same round again), and a run keeps at most `max_rounds` rounds (the oldest go).
 A small in-memory LRU saves the round trip for the other ranks of a round.
+
+Round r is composed from the losses of rounds < r, all of them: the workers ask for it once
+they have trained round r-1 (`after_losses`), and the service waits (up to `wait_s`) until
+its table holds a record of every sample round r-1 trained. Nothing of round r exists yet, so
+the table it composes from is the same in every run of one seed: the plans are reproducible.
+A round whose predecessor's losses do not all arrive in time (a user loop that reports only
+some batches, records lost with a worker) is composed from what is there and counted
+(`LiveRun.rounds_composed_early`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import struct
 import threading
 from collections import OrderedDict
 
 import numpy as np
 import redis
-from hardbatch.sampler.plans import RoundPlan, compose_round, validate_round_shape
+from hardbatch.sampler.plans import SKIP, RoundPlan, compose_round, validate_round_shape
 from hardbatch.services import keys
 from hardbatch.services.live_runs import LiveRun
+
+log = logging.getLogger(__name__)
 
 # KEYS: fetched set, round. ARGV: rank, world_size, grace_s, ttl_s.
 # Notes that `rank` has the round; once all ranks have it, the round expires after grace_s.
@@ -101,11 +112,14 @@ class RoundStore:
         cache_rounds: rounds kept in memory.
         grace_s: lifetime of a round once every rank has fetched it.
         max_rounds: rounds a run keeps in Redis (the oldest are deleted).
+        wait_s: how long composing round r waits for round r-1's losses (below the workers'
+            request timeout, 10 s by default).
     """
 
     def __init__(self, client: redis.Redis, ttl_s: int, cache_rounds: int, grace_s: int = 3600,
-                 max_rounds: int = 16) -> None:
+                 max_rounds: int = 16, wait_s: float = 5.0) -> None:
         self.client = client
+        self.wait_s = wait_s
         self.ttl_s = ttl_s
         self.cache_rounds = cache_rounds
         self.grace_s = grace_s
@@ -117,11 +131,14 @@ class RoundStore:
         self._key_locks: dict[tuple[str, str, int, int], threading.Lock] = {}
 
     def get(self, run: LiveRun, *, round_: int, world_size: int, batches: int,
-            batch_size: int, rank: int | None = None) -> tuple[RoundPlan, bool]:
+            batch_size: int, rank: int | None = None,
+            after_losses: bool = False) -> tuple[RoundPlan, bool]:
         """The round, composed now if nobody composed it before.
 
         Args:
             rank: the rank asking, noted so that the round expires once all ranks have it.
+            after_losses: compose it only once the previous round's losses are all in (up to
+                `wait_s`); the workers that stream their losses ask so.
 
         Returns:
             (round, composed_here).
@@ -139,7 +156,8 @@ class RoundStore:
             with self._lock_for(key):
                 plan = self._cached(key)
                 if plan is None:
-                    plan, composed = self._load_or_compose(run, key, batches, batch_size)
+                    plan, composed = self._load_or_compose(run, key, batches, batch_size,
+                                                           after_losses)
                     self._remember(key, plan)
         if (plan.batches, plan.batch_size) != (batches, batch_size):
             raise RoundConflictError(
@@ -153,13 +171,16 @@ class RoundStore:
         return plan, composed
 
     def _load_or_compose(self, run: LiveRun, key: tuple[str, str, int, int], batches: int,
-                         batch_size: int) -> tuple[RoundPlan, bool]:
+                         batch_size: int, after_losses: bool) -> tuple[RoundPlan, bool]:
         rkey = keys.round_(*key)
         blob = self.client.get(rkey)
         if blob is not None:
             return unpack_round(blob), False  # type: ignore[arg-type]
-        snap = run.priority_snapshot()
-        plan = compose_round(snap, seed=run.seed, round_=key[3], world_size=key[2],
+        if after_losses and key[3] > 0:
+            self._await_previous(run, key)
+        snap = run.priority_snapshot(current=True)
+        seed = run.seed if snap.config.seed is None else snap.config.seed
+        plan = compose_round(snap, seed=seed, round_=key[3], world_size=key[2],
                              batches=batches, batch_size=batch_size)
         if self.client.set(rkey, pack_round(plan, snap.n), nx=True, ex=self.ttl_s):
             self._list_round(keys=[keys.rounds(run.run)], args=[rkey, key[3], self.max_rounds])
@@ -169,6 +190,21 @@ class RoundStore:
         if blob is None:  # expired in between: ours is as good as any
             return plan, True
         return unpack_round(blob), False  # type: ignore[arg-type]
+
+    def _await_previous(self, run: LiveRun, key: tuple[str, str, int, int]) -> None:
+        """Waits until the table holds round r-1's losses (when round r-1 is known here)."""
+        prev = (*key[:3], key[3] - 1)
+        plan = self._cached(prev)
+        if plan is None:
+            blob = self.client.get(keys.round_(*prev))
+            if blob is None:  # never composed (a fallback round, a new world size): no wait
+                return
+            plan = unpack_round(blob)  # type: ignore[arg-type]
+        trained = int(np.count_nonzero(plan.weights != SKIP))
+        if not run.await_round(prev[3], trained, self.wait_s):
+            run.rounds_composed_early += 1
+            log.warning("run %s: round %d composed before all of round %d's losses arrived "
+                        "(waited %.1f s)", run.run, key[3], prev[3], self.wait_s)
 
     def _cached(self, key: tuple[str, str, int, int]) -> RoundPlan | None:
         with self._cache_lock:

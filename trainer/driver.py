@@ -167,8 +167,11 @@ class Driver:
             raise ValueError(f"plans must be service or local, got {plans!r}")
         self.num_samples, self.rounds, self.plans = num_samples, rounds, plans
         self.run = run or new_run_name()
-        self.plan = dataclasses.replace(plan or PlanConfig(), total_rounds=rounds)
         self._worker = worker or WorkerConfig()
+        plan = plan or PlanConfig()
+        # The plans of a run follow its seed, not its name (two runs of a seed: the same plans).
+        self.plan = dataclasses.replace(plan, total_rounds=rounds, seed=(
+            self._worker.seed if plan.seed is None else plan.seed))
         self._redis, self._service, self._ray_address = redis, service, ray_address
         self._store_dir = store_dir
         self.redis_url, self.service_url = "", ""
@@ -181,7 +184,6 @@ class Driver:
             raise RuntimeError("enter the Driver (`with Driver(...) as driver:`) first")
         return dataclasses.replace(
             self._worker, run=self.run, service=self.service_url, redis=self.redis_url,
-            rounds=self.rounds,
             importance_weights=self._worker.importance_weights or self.plan.weighs_samples,
         ).to_dict()
 

@@ -1,22 +1,23 @@
 """Where a worker's batches come from: the sampler service, or a local shuffle when it is away.
 
 A round is one epoch: the service composes it for all ranks at once (hard-biased, disjoint).
-This rank asks for round e+1 when 90% of round e is trained: late enough that the service has
-most of round e's losses (the first time, which samples round 0 skipped), early enough that
-training never waits on the network. When the service cannot be reached (no answer, or a 5xx),
-the rank falls back to a seeded shuffle of its own shard for that round and asks the service
-again for the next one. A 4xx is a mistake (token, run, round shape), not an outage: it raises.
+This rank asks for round e+1 once it has trained round e (its worker has sent round e's last
+losses without lingering): the service composes round e+1 from all of round e's losses, so
+the plans of one seed are the same in every run. The price is one request per round at the
+round's start (measured: README, "Reproducible service plans"). When the service cannot be
+reached (no answer, or a 5xx), the rank falls back to a seeded shuffle of its own shard for
+that round and asks the service again for the next one. A 4xx is a mistake (token, run, round
+shape), not an outage: it raises.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator
 
 import torch
-from hardbatch.services.client import Plan, SamplerClient, SamplerError
+from hardbatch.services.client import SamplerClient, SamplerError
 
 log = logging.getLogger(__name__)
 
@@ -51,49 +52,33 @@ class RoundPlans:
         batch_size: samples per batch.
         fraction: share of the dataset each round covers across all ranks.
         seed: seed of the fallback shuffle.
-        rounds: how many rounds the run has (nothing is prefetched past the last).
         with_weights: ask the service for importance weights too (a round's `weights`; a
             local round has none: uniform, so no correction is due).
+        after_losses: this rank streams its losses: the service composes each round from all
+            of the previous round's.
     """
 
-    PREFETCH_AT = 0.9  # share of a round trained before the next one is requested
-
     def __init__(self, client: SamplerClient | None, run: str, rank: int, world_size: int,
-                 batch_size: int, fraction: float, seed: int, rounds: int | None = None,
-                 with_weights: bool = False) -> None:
-        self.client, self.run, self.rounds = client, run, rounds
-        self.with_weights = with_weights
+                 batch_size: int, fraction: float, seed: int,
+                 with_weights: bool = False, after_losses: bool = False) -> None:
+        self.client, self.run = client, run
+        self.with_weights, self.after_losses = with_weights, after_losses
         self.rank, self.world_size = rank, world_size
         self.batch_size, self.fraction, self.seed = batch_size, fraction, seed
         self.service_rounds = 0
         self.fallback_rounds = 0
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="plan-prefetch")
-        self._next: tuple[int, Future[Plan]] | None = None
 
     def steps(self, num_samples: int) -> int:
         return batches_per_round(num_samples, self.world_size, self.batch_size, self.fraction)
 
-    def _fetch(self, epoch: int, num_samples: int) -> Future[Plan]:
-        assert self.client is not None
-        return self._pool.submit(
-            self.client.plan, self.run, rank=self.rank, world_size=self.world_size,
-            round=epoch, batches=self.steps(num_samples), batch_size=self.batch_size,
-            with_weights=self.with_weights)
-
     def __call__(self, epoch: int, num_samples: int) -> Round:
         if self.client is None:
             return Round(self._local(epoch, num_samples))
-        if self._next is None or self._next[0] != epoch:
-            self._next = (epoch, self._fetch(epoch, num_samples))
-        future = self._next[1]
         try:
-            try:
-                plan = future.result()
-            except SamplerError as e:
-                if not _outage(e):
-                    raise
-                # The prefetch may have failed while the service was away; ask once more now.
-                plan = self._fetch(epoch, num_samples).result()
+            plan = self.client.plan(
+                self.run, rank=self.rank, world_size=self.world_size, round=epoch,
+                batches=self.steps(num_samples), batch_size=self.batch_size,
+                with_weights=self.with_weights, after_losses=self.after_losses)
         except SamplerError as e:
             if not _outage(e):
                 raise
@@ -105,20 +90,11 @@ class RoundPlans:
             self.service_rounds += 1
             batches = list(torch.from_numpy(plan.ids))
             weights = None if plan.weights is None else list(torch.tensor(plan.weights))
-        if self.rounds is not None and epoch + 1 >= self.rounds:
-            return Round(batches, weights)
-        at = min(int(len(batches) * self.PREFETCH_AT), len(batches) - 1)
-        return Round(batches, weights, at, lambda: self._prefetch(epoch + 1, num_samples))
-
-    def _prefetch(self, epoch: int, num_samples: int) -> None:
-        self._next = (epoch, self._fetch(epoch, num_samples))
+        return Round(batches, weights)
 
     def _local(self, epoch: int, num_samples: int) -> list[torch.Tensor]:
         return shard_plan(num_samples, self.batch_size, self.steps(num_samples), self.rank,
                           self.world_size, self.seed, epoch)
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _outage(e: SamplerError) -> bool:
@@ -127,16 +103,15 @@ def _outage(e: SamplerError) -> bool:
 
 
 class Round(list[torch.Tensor]):
-    """A round's batches of ids (and their importance weights, when the plan has them) that
-    call `hook` once iteration reaches batch `at`.
+    """A round's batches of ids (and their importance weights, when the plan has them).
 
     Iterating yields each batch with the slots the plan does not train (weight `SKIP`, an
     adaptive plan size) as id -1, which `IdDataset` drops unloaded: a batch keeps its place in
     the epoch (the step count, the LR schedule) and shrinks to what the plan trains.
     """
 
-    def __init__(self, batches: list[torch.Tensor], weights: list[torch.Tensor] | None = None,
-                 at: int = -1, hook: Callable[[], None] | None = None) -> None:
+    def __init__(self, batches: list[torch.Tensor],
+                 weights: list[torch.Tensor] | None = None) -> None:
         super().__init__(batches)
         # Weights all 1 (plans over all the data, no suspects) change nothing: none to apply.
         ones = weights is not None and all(bool((w == 1).all()) for w in weights)
@@ -145,7 +120,6 @@ class Round(list[torch.Tensor]):
         self._skips = (None if self.weights is None or not any(bool((w < 0).any())
                                                                 for w in self.weights)
                        else [w < 0 for w in self.weights])
-        self._at, self._hook = at, hook
         self._index: torch.Tensor | None = None  # weight by id, NaN where not planned
 
     def weights_of(self, ids: torch.Tensor) -> torch.Tensor | None:
@@ -166,8 +140,6 @@ class Round(list[torch.Tensor]):
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         for i, batch in enumerate(super().__iter__()):
-            if i == self._at and self._hook is not None:
-                self._hook()
             if self._skips is not None:
                 batch = torch.where(self._skips[i], -1, batch)
             yield batch

@@ -228,6 +228,7 @@ class LossReporter:
         self._packing = 0  # records the sender took from memory and is packing
         self._mem_since = 0.0  # when the oldest record in memory arrived
         self._flushing = 0  # flush() calls waiting: send without lingering
+        self._urgent = False  # send_now() was called: send what is queued without lingering
         self._inflight: _Batch | None = None
         self._reported = 0
         self._delivered = 0
@@ -328,6 +329,14 @@ class LossReporter:
                 if not _transient(e) or time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)
+
+    def send_now(self) -> None:
+        """Sends what is queued without lingering; returns at once (a round's end: the
+        service composes the next round once it has this one's losses)."""
+        with self._cond:
+            if self._mem_records:
+                self._urgent = True
+                self._cond.notify_all()
 
     def flush(self, timeout_s: float | None = 30.0) -> DeliveryReport:
         """Waits until everything reported so far is delivered, or `timeout_s` passes."""
@@ -506,8 +515,10 @@ class LossReporter:
         if self._inflight is not None or self._replay or self._spill.has_unsent:
             return 0.0
         if not self._mem_records:
+            self._urgent = False
             return None
-        if self._mem_records >= self.max_batch_records or self._flushing or self._closing:
+        if (self._mem_records >= self.max_batch_records or self._flushing or self._closing
+                or self._urgent):
             return 0.0
         return max(0.0, self._mem_since + self.linger_s - time.monotonic())
 

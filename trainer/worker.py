@@ -69,9 +69,8 @@ class WorkerConfig:
         "help": "Redis URL of the loss store; empty: losses are not streamed."})
     plan_fraction: float = field(default=1.0, metadata={
         "help": "Share of the dataset each round (epoch) covers over all ranks."})
-    rounds: int | None = field(default=None, metadata={
-        "help": "Rounds in the run; no plan is asked for past the last."})
-    seed: int = field(default=0, metadata={"help": "Seed of the local shuffle."})
+    seed: int = field(default=0, metadata={
+        "help": "Seed of the local shuffle (and, through a Driver, of the service's plans)."})
     filter: bool = field(default=True, metadata={
         "help": "Train only on the examples carrying min_loss_perc of each batch's loss."})
     # Off by default: on the MNIST-1D frontier it reached plain's best in 28.4 s against the
@@ -99,8 +98,6 @@ class WorkerConfig:
         select(torch.ones(1), self.min_loss_perc, self.min_samples_perc)  # its own checks
         if not 0.0 < self.plan_fraction <= 1.0:
             raise ValueError(f"plan_fraction must be in (0, 1], got {self.plan_fraction}")
-        if self.rounds is not None and self.rounds < 1:
-            raise ValueError(f"rounds must be >= 1, got {self.rounds}")
         if self.nonfinite not in ("raise", "keep"):
             raise ValueError(f"nonfinite must be raise or keep, got {self.nonfinite!r}")
         if not isinstance(self.cost_model, bool):
@@ -214,12 +211,12 @@ class Worker:
         if self._client is not None and logging.getLogger("httpx").level == logging.NOTSET:
             # httpx logs every request at INFO: one line per plan in the user's training log.
             logging.getLogger("httpx").setLevel(logging.WARNING)
-        self._plans = RoundPlans(self._client, cfg.run, self.rank, self.world_size, batch_size,
-                                 cfg.plan_fraction, cfg.seed, rounds=cfg.rounds,
-                                 with_weights=cfg.importance_weights)
         self._own_reporter = reporter is None and bool(cfg.redis and cfg.run)
         self.reporter: Reporter | None = (LossReporter(cfg.redis, cfg.run, self.rank)
                                           if self._own_reporter else reporter)
+        self._plans = RoundPlans(self._client, cfg.run, self.rank, self.world_size, batch_size,
+                                 cfg.plan_fraction, cfg.seed, with_weights=cfg.importance_weights,
+                                 after_losses=self.reporter is not None)
         if self._client is None and self.world_size == 1:
             # One process, no service: every sample once per epoch, the last batch short.
             steps = math.ceil(self.num_samples / batch_size)
@@ -228,7 +225,7 @@ class Worker:
             ids_per_epoch = self.num_samples
         else:
             steps = self._plans.steps(self.num_samples)
-            rounds, ids_per_epoch = (lambda e: self._plans(e, self.num_samples)), steps * batch_size
+            rounds, ids_per_epoch = self._service_round, steps * batch_size
         self.steps_per_epoch = steps
         self.sampler = PlanSampler(dataset, rounds, ids_per_epoch, self.rank, self.world_size)
         collate = IdCollate(loader_kwargs.pop("collate_fn", None))
@@ -243,6 +240,14 @@ class Worker:
         self._switches_before = 0  # the cost model's switches at the last summary
 
     # -- batches -----------------------------------------------------------------------------
+
+    def _service_round(self, epoch: int) -> Round:
+        # The service composes this round once it has all of the last one's losses: send
+        # them now rather than after the reporter's linger.
+        send_now = getattr(self.reporter, "send_now", None)
+        if send_now is not None:
+            send_now()
+        return self._plans(epoch, self.num_samples)
 
     @property
     def epoch(self) -> int:
@@ -476,11 +481,10 @@ class Worker:
     # -- the end -------------------------------------------------------------------------------
 
     def close(self, timeout_s: float = 60.0) -> Any:
-        """Stops the plan prefetch and flushes the loss reporter it made (up to `timeout_s`);
+        """Flushes the loss reporter it made (up to `timeout_s`);
         returns that reporter's delivery report (None without one)."""
         if self._costs is not None:
             self._costs.interrupt()
-        self._plans.close()
         delivery = None
         if self._own_reporter and self.reporter is not None:
             delivery = self.reporter.close(timeout_s)  # type: ignore[attr-defined]

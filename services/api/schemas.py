@@ -96,6 +96,9 @@ class PlanConfigModel(BaseModel):
                              description="Share of the last losses the adaptive size counts for.")
     size_min: float = Field(default=_PLAN.size_min, gt=0.0, le=1.0,
                             description="Least share of a round the adaptive size trains on.")
+    seed: int | None = Field(
+        default=None, ge=0, lt=2**63,
+        description="Seeds the rounds' random streams; null: from the run's name.")
 
     def to_config(self) -> PlanConfig:
         return PlanConfig(**self.model_dump())
@@ -108,7 +111,8 @@ class PlanConfigModel(BaseModel):
                    priority=cfg.priority,  # type: ignore[arg-type]
                    suspect_scorings=cfg.suspect_scorings, suspect_factor=cfg.suspect_factor,
                    suspect_floor=cfg.suspect_floor, suspect_min_share=cfg.suspect_min_share,
-                   size_factor=cfg.size_factor, size_mass=cfg.size_mass, size_min=cfg.size_min)
+                   size_factor=cfg.size_factor, size_mass=cfg.size_mass, size_min=cfg.size_min,
+                   seed=cfg.seed)
 
 
 class RunDetail(BaseModel):
@@ -222,6 +226,11 @@ class PlanRequest(BaseModel):
     batch_size: JsonInt = Field(ge=1, description="Sample ids per batch.")
     with_weights: bool = Field(default=False, description="Include importance weights per id.")
     with_losses: bool = Field(default=False, description="Include the last known loss per id.")
+    after_losses: bool = Field(
+        default=False,
+        description="Compose the round (if no rank has yet) from all of the previous round's "
+                    "losses, waiting up to round_wait_s for them: workers that stream their "
+                    "losses set it, and the plans of one seed are then reproducible.")
 
 
 class Plan(BaseModel):

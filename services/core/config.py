@@ -54,6 +54,10 @@ class Settings(BaseSettings):
         description="How long a round stays in Redis once every rank has fetched it (a worker "
                     "group that restarts fetches it again).")
     plan_max_rounds: int = Field(default=16, ge=1, description="Rounds a run keeps in Redis.")
+    round_wait_s: float = Field(
+        default=5.0, ge=0, le=60,
+        description="How long composing round r waits for all of round r-1's losses (what "
+                    "makes plans reproducible); keep it below the workers' request timeout.")
     idle_evict_s: float = Field(
         default=900.0, gt=0, description="Unload a run's table after this long without requests.")
     redis_timeout_s: float = Field(

@@ -177,7 +177,7 @@ def test_two_node_job_trains_on_service_plans(network: Network) -> None:
     assert run["records"] == sum(by_rank.values()), run
     assert run["lag_records"] == 0 and run["applied_records"] == run["records"], run
     assert run["rejected_records"] == 0 and run["malformed_batches"] == 0, run
-    # Plans were composed for this 2-rank world, up to the last round (workers prefetch ahead).
+    # Plans were composed for this 2-rank world, up to the last round.
     assert run["world_size"] == 2 and run["round"] >= 1, run
     assert run["seen_samples"] > 0
 

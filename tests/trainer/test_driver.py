@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-import time
 
 import httpx
 import psutil
@@ -66,13 +65,11 @@ def test_plans_over_part_of_the_data_drop_batches_or_keep_steps(redis_url, keep_
 
 
 def test_an_adaptive_plan_size_keeps_the_steps_and_scores_only_what_the_plan_trains(
-        redis_url, monkeypatch):
+        redis_url):
     from hardbatch.trainer.distributed import JobConfig
     from hardbatch.trainer.driver import Driver
     from hardbatch.trainer.train import Runtime, fit
 
-    # The service follows the table every refresh_s (2 s): these epochs take a fraction of that.
-    monkeypatch.setenv("HARDBATCH_REFRESH_S", "0.05")
     # size_factor 0.5: at most half of the 90%-of-the-loss share, below half a round whatever
     # the losses; round 0 (nothing scored yet) trains everything.
     job = JobConfig(num_samples=2000, width=8, batch_size=100, epochs=4, size_factor=0.5,
@@ -81,20 +78,37 @@ def test_an_adaptive_plan_size_keeps_the_steps_and_scores_only_what_the_plan_tra
     with Driver(2000, job.epochs, run="adaptive", redis=redis_url, ray_address=None,
                 plan=job.plan_config(), worker=job.worker_config()) as driver:
         assert driver.worker_config["importance_weights"]  # the skip marks travel as weights
-
-        def settle(state):
-            # Each epoch's losses applied and in the priorities (refresh_s 0.05) before the
-            # next epoch asks for the one after: on a loaded machine this takes a while.
-            driver.top(1)
-            time.sleep(0.5)
-
-        result = fit(job.train_config(), runtime=Runtime(hardbatch=driver.worker_config,
-                                                         on_epoch_end=settle))
+        # No waiting between epochs: each round is composed from all of the last one's losses.
+        result = fit(job.train_config(), runtime=Runtime(hardbatch=driver.worker_config))
         driver.top(1)
         records = driver.info()["records"]
     assert [e["step"] for e in result.evals] == [20, 40, 60, 80]  # every epoch's steps
     scored = [e["scored_perc"] for e in result.epochs]
-    # Round 1 is asked for at 90% of round 0, before the service saw its losses; round 2 on
-    # sees round 0's (every sample's) losses.
-    assert scored[0] == 1.0 and all(0.05 <= s < 0.5 for s in scored[2:]), scored
+    assert scored[0] == 1.0 and all(0.05 <= s < 0.5 for s in scored[1:]), scored
     assert records == round(2000 * sum(scored))  # what was scored, nothing skipped
+
+
+def test_runs_of_one_seed_on_the_service_plans_are_the_same_run(redis_url):
+    from hardbatch.trainer.distributed import JobConfig
+    from hardbatch.trainer.driver import Driver
+    from hardbatch.trainer.train import Runtime, fit
+
+    def train(run, seed):
+        job = JobConfig(num_samples=2000, width=8, batch_size=100, epochs=3, size_factor=1.0,
+                        seed=seed, workers=1, threads=1, progress=False, redis=redis_url)
+        with Driver(2000, job.epochs, run=run, redis=redis_url, ray_address=None,
+                    plan=job.plan_config(), worker=job.worker_config()) as driver:
+            result = fit(job.train_config(), runtime=Runtime(hardbatch=driver.worker_config))
+            with driver.client() as client:
+                plans = [client.plan(run, rank=0, world_size=1, round=r, batches=20,
+                                     batch_size=100, with_weights=True) for r in range(3)]
+        return result, plans
+
+    (a, plans_a), (b, plans_b) = train("seed-3-a", 3), train("seed-3-b", 3)
+    assert [e["val_loss"] for e in a.evals] == [e["val_loss"] for e in b.evals]
+    assert [e["scored_perc"] for e in a.epochs] == [e["scored_perc"] for e in b.epochs]
+    assert a.epochs[-2]["scored_perc"] < 1.0  # the plans did leave samples out
+    for x, y in zip(plans_a, plans_b, strict=True):
+        assert (x.ids == y.ids).all() and (x.weights == y.weights).all()
+    _, plans_c = train("seed-4", 4)
+    assert not (plans_c[1].ids == plans_a[1].ids).all()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import socket
+import time
 
+import httpx
 import pytest
 import torch
 from hardbatch.services.client import SamplerClient, SamplerError
@@ -51,36 +53,36 @@ def test_falls_back_to_a_local_shuffle_and_rejoins_the_service(redis_url):
     with local_service(redis_url, port=port) as url:
         away(1, 2000)
         assert away.service_rounds == 1  # rejoined
-        away.close()
         store.register_run("plans-half", 2000)
         plans = [RoundPlans(SamplerClient(url), "plans-half", rank=r, world_size=2, batch_size=100,
                             fraction=0.5, seed=5) for r in (0, 1)]
         rounds = [[p(epoch, 2000) for p in plans] for epoch in (0, 1)]
         for p in plans:
             assert p.service_rounds == 2 and p.fallback_rounds == 0
-            p.close()
     for per_rank in rounds:
         a, b = (torch.cat(x) for x in per_rank)
         assert len(a) == len(b) == 500  # 5 batches of 100 each: half the data per round
         assert not set(a.tolist()) & set(b.tolist())  # no example to two workers in a round
 
 
-def test_next_round_is_requested_late_in_the_round_and_not_past_the_last(redis_url):
+def test_a_round_after_losses_waits_for_them_and_says_when_it_could_not(redis_url,
+                                                                          monkeypatch):
+    monkeypatch.setenv("HARDBATCH_ROUND_WAIT_S", "1.0")
     store = LossStore.from_url(redis_url)
-    store.register_run("plans-late", 2000)
-    with local_service(redis_url) as url:
-        plans = RoundPlans(SamplerClient(url), "plans-late", rank=0, world_size=1,
-                           batch_size=100, fraction=1.0, seed=0, rounds=2)
-        first = plans(0, 2000)
-        assert len(first) == 20 and plans._next is not None and plans._next[0] == 0
-        seen = []
-        for i, _ in enumerate(first):
-            seen.append((i, plans._next[0]))
-        assert seen[17] == (17, 0) and seen[18] == (18, 1)  # asked at 90% of the round
-        last = plans(1, 2000)
-        assert list(iter(last)) and plans._next[0] == 1  # nothing asked past the last round
-        assert plans.service_rounds == 2
-        plans.close()
+    store.register_run("plans-wait", 2000)
+    with local_service(redis_url) as url, SamplerClient(url) as client:
+        waits = RoundPlans(client, "plans-wait", rank=0, world_size=1, batch_size=100,
+                           fraction=1.0, seed=0, after_losses=True)
+        assert len(waits(0, 2000)) == 20
+        t0 = time.monotonic()
+        assert len(waits(1, 2000)) == 20  # round 0's losses never come: composed after 1 s
+        assert 1.0 <= time.monotonic() - t0 < 8.0
+        metrics = httpx.get(f"{url}/metrics").text
+        assert 'hardbatch_rounds_composed_early_total{run="plans-wait"} 1' in metrics
+        # A round once composed is the round: asking again does not wait.
+        t0 = time.monotonic()
+        waits(1, 2000)
+        assert time.monotonic() - t0 < 1.0
 
 
 def test_a_4xx_is_a_mistake_that_raises_not_an_outage(redis_url):
@@ -90,7 +92,6 @@ def test_a_4xx_is_a_mistake_that_raises_not_an_outage(redis_url):
         with pytest.raises(SamplerError) as err:
             plans(0, 2000)
         assert err.value.status == 404 and plans.fallback_rounds == 0
-        plans.close()
 
 
 def test_a_round_looks_up_weights_by_id_and_refuses_ids_it_did_not_plan():

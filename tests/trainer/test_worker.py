@@ -159,12 +159,25 @@ def test_iter_batches_is_lazy_for_any_dataset():
         assert read == list(range(b + 1))  # not the whole plan up front
 
 
-def test_next_round_is_asked_for_at_90_percent_for_a_dataset_that_is_not_tensors(redis_url):
-    with Driver(2000, rounds=2, redis=redis_url, run="worker-late", ray_address=None) as d, \
+def test_the_next_round_is_composed_from_all_of_this_rounds_losses(redis_url):
+    # An adaptive size (factor 1, floor 5%): round 1 trains the share of samples carrying 90%
+    # of round 0's losses. Ids below 100 carry 96% of them.
+    plan = PlanConfig(size_factor=1.0, beta=0.0)
+    with Driver(2000, rounds=2, redis=redis_url, run="worker-after", plan=plan,
+                ray_address=None, worker=FILTERING) as d, \
             Worker(d.worker_config, Squares(2000), batch_size=100) as hb:
-        plans = hb._plans
-        asked = [plans._next[0] for _ in hb.batches(0)]
-        assert asked[:18] == [0] * 18 and asked[18:] == [1, 1]
+        assert hb._plans.after_losses
+        for ids, _ in hb.batches(0):
+            losses = torch.where(ids < 100, 5.0, 0.01)
+            keep = hb.select(ids, losses)
+            hb.loss(losses[keep])
+        # No wait here: the worker sends the round's last losses at once and the service
+        # waits until it has all 2000 before it composes round 1.
+        trained = torch.cat([ids for ids, _ in hb.batches(1)])
+        trained = trained[trained >= 0]
+        assert len(trained) == 100, len(trained)  # the floor: 5% of 2000
+        assert (trained < 100).float().mean() > 0.5  # the hard ones, from every loss of round 0
+        assert d.info()["records"] == 2000
 
 
 def test_workers_apply_plan_weights_whenever_the_noise_guard_can_zero_one(redis_url):

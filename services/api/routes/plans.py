@@ -89,7 +89,7 @@ def compose_plan(
     try:
         plan, _ = state.rounds.get(r, round_=body.round, world_size=body.world_size,
                                    batches=body.batches, batch_size=body.batch_size,
-                                   rank=body.rank)
+                                   rank=body.rank, after_losses=body.after_losses)
     except RoundConflictError as e:
         state.latency.error(run, 409)
         raise HTTPException(status_code=409, detail=str(e)) from None
