@@ -96,7 +96,7 @@ def test_runs_of_one_seed_on_the_service_plans_are_the_same_run(redis_url):
     def train(run, seed):
         job = JobConfig(num_samples=2000, width=8, batch_size=100, epochs=3, size_factor=1.0,
                         seed=seed, workers=1, threads=1, progress=False, redis=redis_url)
-        with Driver(2000, job.epochs, run=run, redis=redis_url, ray_address=None,
+        with Driver(2000, job.epochs, run=run, redis=redis_url, service=url, ray_address=None,
                     plan=job.plan_config(), worker=job.worker_config()) as driver:
             result = fit(job.train_config(), runtime=Runtime(hardbatch=driver.worker_config))
             with driver.client() as client:
@@ -104,11 +104,12 @@ def test_runs_of_one_seed_on_the_service_plans_are_the_same_run(redis_url):
                                      batch_size=100, with_weights=True) for r in range(3)]
         return result, plans
 
-    (a, plans_a), (b, plans_b) = train("seed-3-a", 3), train("seed-3-b", 3)
+    with local_service(redis_url) as url:  # one service for the three runs
+        (a, plans_a), (b, plans_b) = train("seed-3-a", 3), train("seed-3-b", 3)
+        _, plans_c = train("seed-4", 4)
     assert [e["val_loss"] for e in a.evals] == [e["val_loss"] for e in b.evals]
     assert [e["scored_perc"] for e in a.epochs] == [e["scored_perc"] for e in b.epochs]
     assert a.epochs[-2]["scored_perc"] < 1.0  # the plans did leave samples out
     for x, y in zip(plans_a, plans_b, strict=True):
         assert (x.ids == y.ids).all() and (x.weights == y.weights).all()
-    _, plans_c = train("seed-4", 4)
     assert not (plans_c[1].ids == plans_a[1].ids).all()
