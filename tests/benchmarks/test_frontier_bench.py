@@ -122,9 +122,12 @@ def test_quick_frontier_on_the_sequence_task_targets_validation_loss(tmp_path):
 
 @pytest.mark.slow
 def test_quick_frontier_on_two_ray_workers(tmp_path):
-    r = run_benchmark("frontier", quick=True, out=tmp_path, workers=2, seeds=1)
+    # One ablation: each Ray Train run costs ~25 s of start-up here, and all 12 arms (25 runs)
+    # outlasted the 10-minute test timeout in CI; the one-process test covers every arm.
+    r = run_benchmark("frontier", quick=True, out=tmp_path, workers=2, seeds=1,
+                      ablations=["uniform"])
     check_frontier(r, "accuracy", seeds=1)
-    assert r["workers"] == 2
+    assert r["workers"] == 2 and set(r["arms"]) == {"plain", "hardbatch", "uniform"}
 
 
 @pytest.mark.parametrize("args, message", [
