@@ -214,9 +214,12 @@ class Worker:
         self._own_reporter = reporter is None and bool(cfg.redis and cfg.run)
         self.reporter: Reporter | None = (LossReporter(cfg.redis, cfg.run, self.rank)
                                           if self._own_reporter else reporter)
+        # Only losses that reach the store can be waited for: a user's own reporter may not.
+        self._send_now = (self.reporter.send_now if isinstance(self.reporter, LossReporter)
+                          else None)
         self._plans = RoundPlans(self._client, cfg.run, self.rank, self.world_size, batch_size,
                                  cfg.plan_fraction, cfg.seed, with_weights=cfg.importance_weights,
-                                 after_losses=self.reporter is not None)
+                                 after_losses=self._send_now is not None)
         if self._client is None and self.world_size == 1:
             # One process, no service: every sample once per epoch, the last batch short.
             steps = math.ceil(self.num_samples / batch_size)
@@ -244,9 +247,8 @@ class Worker:
     def _service_round(self, epoch: int) -> Round:
         # The service composes this round once it has all of the last one's losses: send
         # them now rather than after the reporter's linger.
-        send_now = getattr(self.reporter, "send_now", None)
-        if send_now is not None:
-            send_now()
+        if self._send_now is not None:
+            self._send_now()
         return self._plans(epoch, self.num_samples)
 
     @property
