@@ -12,8 +12,10 @@ the same with plans over half the data, hard-biased, without importance weights
 `half_uniform` uniform plans over half the data (what the hard bias is measured against),
 `half_uncertain` half plans that rank by uncertainty instead of loss (`priority="uncertain"`:
 confidently wrong samples, often flipped labels, rank low),
-`cost_model` the same with the runtime cost model on (`cost_model=True`: full steps where
-scoring does not pay), `no_guard` the same without the service's noise guard (`guard=False`:
+`cost_model` the same with the timed cost model on (`cost_model=True`: full steps where
+scoring does not pay, from measured step times), `no_gate` the same without the kept-share
+gate (`filter_gate=False`: the filter on every step, flat losses or not), `no_guard` the
+same without the service's noise guard (`guard=False`:
 what keeping suspected label errors out of training buys), `steps40` plans over 40% of the
 data that keep an epoch's steps (`keep_steps=True`: each step scores 40% of a batch, the
 samples the service picks, hard-biased, no weights) and `steps40_uniform` the same with
@@ -62,6 +64,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "half_uniform": {**FIXED, "plan_fraction": 0.5, "beta": 0.0, "alpha": 0.0},
     "half_uncertain": {**FIXED, "plan_fraction": 0.5, "beta": 0.0, "priority": "uncertain"},
     "cost_model": {"cost_model": True},
+    "no_gate": {"filter_gate": False},
     "no_guard": {"guard": False},
     "steps40": {**FIXED, "plan_fraction": 0.4, "keep_steps": True, "beta": 0.0},
     "steps40_uniform": {**FIXED, "plan_fraction": 0.4, "keep_steps": True, "beta": 0.0,
@@ -118,7 +121,7 @@ def default_scale(quick: bool, task: str) -> Scale:
 
 def plain_precisions(device: torch.device) -> tuple[list[str], str]:
     """The precisions plain training runs in here, and why: fp32, and the mixed precision a
-    user would pick where the hardware runs it fast (the test `score_precision=auto` uses)."""
+    user would pick where the hardware runs it natively (bf16 on AMX/AVX512-BF16 CPUs)."""
     if device.type == "cuda":
         mixed = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return ["fp32", mixed], f"fp32 and {mixed} autocast on {torch.cuda.get_device_name()}"

@@ -14,8 +14,8 @@ import numpy as np  # noqa: E402
 COLORS = {"plain": "black", "hardbatch": "darkred", "uniform": "tab:blue",
           "half": "tab:green", "cost_model": "tab:orange",
           "half_weighted": "tab:purple", "half_uniform": "tab:cyan",
-          "half_uncertain": "tab:brown", "no_guard": "tab:olive", "steps40": "tab:pink",
-          "steps40_uniform": "tab:gray", "fixed_size": "tab:red"}
+          "half_uncertain": "tab:brown", "no_gate": "gold", "no_guard": "tab:olive",
+          "steps40": "tab:pink", "steps40_uniform": "tab:gray", "fixed_size": "tab:red"}
 
 
 def drawn_arms(result: dict[str, Any]) -> dict[str, str]:

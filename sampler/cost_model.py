@@ -245,5 +245,47 @@ class CostModel:
         self._last_switch = int(state["last_switch"])
 
 
+@dataclass(frozen=True)
+class KeptGate:
+    """Whether the loss filter runs in the next round, from the kept fractions alone.
+
+    The default cost model of the filter: a deterministic rule where `CostModel` times steps.
+    A filtered step costs a scoring forward, about a third of a training step (one forward
+    where a step runs a forward and a backward about twice its cost), plus a training step on
+    the kept share `s` of the batch; so it pays only when `s < 1 - 1/3`, or while `s` still
+    falls: then losses are concentrating on a few samples, the phase in which filtered steps
+    learn the most per step (MNIST-1D keeps 78% over its first epoch, 31% over its second).
+    A round that keeps `max_kept` or more of each batch, as much at its end as at its start,
+    has flat losses (a sequence model keeps 83% from its second epoch to its last): the next
+    round trains full batches, whose training forward gives the losses to report and the
+    share the filter would have kept, so the filter comes back as soon as that share drops.
+
+    Attributes:
+        max_kept: Kept share from which filtering does not pay (unless it is falling).
+        min_fall: Relative fall of the kept share from a round's first half to its second
+            that counts as still falling.
+
+    Example:
+        >>> KeptGate().filters(first=0.92, second=0.84)   # high, but still falling
+        True
+        >>> KeptGate().filters(first=0.83, second=0.83)   # flat losses
+        False
+    """
+
+    max_kept: float = 2.0 / 3.0
+    min_fall: float = 0.05
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.max_kept <= 1.0:
+            raise ValueError(f"max_kept must be in (0, 1], got {self.max_kept}")
+        if not 0.0 <= self.min_fall < 1.0:
+            raise ValueError(f"min_fall must be in [0, 1), got {self.min_fall}")
+
+    def filters(self, first: float, second: float) -> bool:
+        """Whether the next round filters, given the kept (or would-be kept) share over the
+        first and the second half of the last round."""
+        return second < self.max_kept or second <= (1.0 - self.min_fall) * first
+
+
 def _ema(old: float | None, new: float, keep: float) -> float:
     return new if old is None else keep * old + (1.0 - keep) * new

@@ -164,17 +164,27 @@ class SamplerClient:
         return cfg
 
 
+def _column(table: pa.Table, name: str) -> np.ndarray:
+    """A numeric column as numpy, read from its buffer: pyarrow's `to_numpy` imports pandas
+    the first time (0.2-0.5 s, inside a worker's first round)."""
+    col = table.column(name).combine_chunks()
+    if col.null_count or not pa.types.is_primitive(col.type):
+        return col.to_numpy(zero_copy_only=False)
+    dtype = np.dtype(col.type.to_pandas_dtype())
+    return np.frombuffer(col.buffers()[1], dtype=dtype, count=len(col),
+                         offset=col.offset * dtype.itemsize)
+
+
 def _plan_from_arrow(payload: bytes, batches: int, batch_size: int) -> Plan:
     table = pa.ipc.open_stream(payload).read_all()
     meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
     shape = (batches, batch_size)
-    ids = table.column("id").to_numpy().astype(np.int64).reshape(shape)
+    ids = _column(table, "id").astype(np.int64).reshape(shape)
     names = table.column_names
-    weights = (table.column("weight").to_numpy().reshape(shape) if "weight" in names else None)
+    weights = _column(table, "weight").reshape(shape) if "weight" in names else None
     losses = None
     if "loss" in names:
-        col = table.column("loss").combine_chunks()
-        losses = col.to_numpy(zero_copy_only=False).astype(np.float32).reshape(shape)
+        losses = _column(table, "loss").astype(np.float32).reshape(shape)
     return Plan(round=int(meta["round"]), rank=int(meta["rank"]),
                 world_size=int(meta["world_size"]), ids=ids, weights=weights, losses=losses,
                 uniform=meta.get("uniform") == "true")

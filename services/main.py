@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import numpy as np
+import pyarrow as pa
 from fastapi import FastAPI
 from hardbatch.services.api.deps import ServiceState, spec_security_matches_settings
 from hardbatch.services.api.errors import BodySizeLimit, install_error_handlers
@@ -24,6 +26,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # pyarrow imports pandas (where installed) on its first array from numpy: 0.2 s here
+        # at startup rather than in the first plan a worker waits for.
+        pa.array(np.zeros(1))
         store = LossStore.from_url(str(settings.redis_url),
                                    socket_timeout=settings.redis_timeout_s,
                                    socket_connect_timeout=min(settings.redis_timeout_s, 2.0))

@@ -60,6 +60,7 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"help": "Seed for init and data order."})
     filter: bool = _as_in_worker_config("filter")
     cost_model: bool = _as_in_worker_config("cost_model")
+    filter_gate: bool = _as_in_worker_config("filter_gate")
     min_loss_perc: float = _as_in_worker_config("min_loss_perc")
     min_samples_perc: float = _as_in_worker_config("min_samples_perc")
     score_precision: str = _as_in_worker_config("score_precision")
@@ -102,7 +103,7 @@ class TrainConfig:
     def worker_config(self, **overrides: Any) -> WorkerConfig:
         """The filter settings of this run as a `WorkerConfig` (plus `overrides`)."""
         return WorkerConfig(seed=self.seed, filter=self.filter, cost_model=self.cost_model,
-                            min_loss_perc=self.min_loss_perc,
+                            filter_gate=self.filter_gate, min_loss_perc=self.min_loss_perc,
                             min_samples_perc=self.min_samples_perc,
                             score_precision=self.score_precision, **overrides)
 

@@ -35,7 +35,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from hardbatch.sampler.cost_model import Mode
+from hardbatch.sampler.cost_model import KeptGate, Mode
 from hardbatch.sampler.filter import Selection, per_sample, select
 from hardbatch.trainer.plan_source import Round, RoundPlans
 from hardbatch.trainer.step_costs import StepCosts
@@ -43,6 +43,7 @@ from hardbatch.trainer.task import IdCollate, IdDataset
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
+log = logging.getLogger(__name__)
 SCORE_PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -82,6 +83,12 @@ class WorkerConfig:
                 "(early epochs, flat losses: it keeps most of the batch) and back on when it "
                 "does, from measured step times; off: the filter runs every step (a "
                 "deterministic schedule)."})
+    filter_gate: bool = field(default=True, metadata={
+        "help": "Per round, turn the filter off where the last round kept 2/3 or more of each "
+                "batch and that share stopped falling (flat losses: the scoring forward costs "
+                "more than the smaller step saves), and back on once it would keep less; "
+                "decided from losses alone, so runs stay deterministic. Off: the filter runs "
+                "every step. Ignored with cost_model."})
     min_loss_perc: float = field(default=0.9, metadata={
         "help": "Share of the batch loss the kept examples must carry."})
     min_samples_perc: float = field(default=0.0, metadata={
@@ -89,8 +96,9 @@ class WorkerConfig:
     nonfinite: str = field(default="raise", metadata={
         "help": "NaN/inf scored losses: raise (on every rank at the same step) or keep them."})
     score_precision: str = field(default="auto", metadata={
-        "help": "Precision of the scoring forward: fp32, bf16, or auto (bf16 where the "
-                "hardware runs it fast: AMX/AVX512-BF16 CPUs, bf16 GPUs)."})
+        "help": "Precision of the scoring forward: fp32, bf16, or auto (bf16 on GPUs that run "
+                "it; on a CPU, bf16 only if it scored the first batch at least 20% faster "
+                "than the loop's own precision: pin fp32 or bf16 for bit-equal reruns)."})
     importance_weights: bool = field(default=False, metadata={
         "help": "Weigh each kept loss by its plan's importance weight (plans with beta > 0)."})
 
@@ -122,15 +130,22 @@ class WorkerConfig:
         return dataclasses.asdict(self)
 
 
+# auto on a CPU: bf16 autocast must score this much faster to be used. It pays for large
+# matmuls and costs for small models (measured on an AMX Xeon, one thread, 256 samples: a
+# width-128 CNN 24 -> 15 ms, a width-32 CNN 2.5 -> 2.8 ms, a width-32 GRU 3.5 -> 9.1 ms), so
+# CPU support alone does not decide it; the margin keeps the choice stable from run to run.
+PROBE_GAIN = 0.8
+PROBE_REPS = 3
+
+
 def score_dtype(precision: str, device_type: str) -> torch.dtype | None:
     """The autocast dtype of the scoring forward (float32: autocast off), or None to leave
-    precision as the caller has it."""
+    precision as the caller has it (auto on a CPU until `Worker` timed both)."""
     if precision == "fp32":
         return torch.float32
     if precision == "bf16":
         return torch.bfloat16
-    fast = (torch.cuda.is_bf16_supported() if device_type == "cuda"
-            else torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    fast = device_type == "cuda" and torch.cuda.is_bf16_supported()
     return torch.bfloat16 if fast else None
 
 
@@ -201,6 +216,7 @@ class Worker:
         self.batch_size = batch_size
         self.device = torch.device(device) if device is not None else _default_device()
         self._score_dtype = score_dtype(cfg.score_precision, self.device.type)
+        self._probe_scoring = cfg.score_precision == "auto" and self.device.type == "cpu"
         self.step, self.service_rounds_before, self.fallback_rounds_before = 0, 0, 0
 
         from hardbatch.services.client import SamplerClient
@@ -240,6 +256,14 @@ class Worker:
         # The cost model turns the filter off on the steps where it does not pay (with the
         # filter off there is nothing to decide).
         self._costs = StepCosts() if cfg.filter and cfg.cost_model else None
+        self._gate = (KeptGate() if cfg.filter and cfg.filter_gate and self._costs is None
+                      else None)
+        # The gate's view of the round in progress: kept (or would-be kept) and scored in its
+        # first and second half, on this rank; whether this round filters; switches so far.
+        self._gate_round, self._gate_pos, self._gate_half = -1, 0, 0
+        self._gate_counts = np.zeros(4)
+        self._round_filters = True
+        self._gate_switches = 0
         self._switches_before = 0  # the cost model's switches at the last summary
 
     # -- batches -----------------------------------------------------------------------------
@@ -291,8 +315,10 @@ class Worker:
         costs = self._costs
         if costs is not None and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the last step's kernels end in its time
+        if self._gate is not None:
+            self._gate_step()
         mode = (costs.begin(self.epoch) if costs is not None
-                else Mode.FILTER if self.config.filter else Mode.FULL)
+                else Mode.FILTER if self.config.filter and self._round_filters else Mode.FULL)
         measured = costs.pending() if costs is not None else []
         if mode is Mode.FULL:
             count, _, *sums = self._reduce([float(n) if w is None else float(w.sum()), 0.0,
@@ -300,13 +326,14 @@ class Worker:
             self._settle(sums)
             self._pending = _Selection(ids, None, None, count, 1.0)
             return slice(None)
+        if callable(score) and self._probe_scoring:
+            self._probe_scoring = False
+            self._score_dtype = self._probe(score)
+            if costs is not None:
+                costs.interrupt()  # the probe's time is not this step's cost
         tick = time.perf_counter()
         if callable(score):
-            # fp32 turns off an autocast of the caller's; auto without fast bf16 leaves it on.
-            dtype = self._score_dtype
-            autocast = (contextlib.nullcontext() if dtype is None else torch.autocast(
-                self.device.type, dtype=dtype, enabled=dtype != torch.float32))
-            with torch.inference_mode(), autocast:
+            with torch.inference_mode(), self._score_autocast(self._score_dtype):
                 scored = per_sample(score()).float()
         else:
             scored = per_sample(score.detach()).float()
@@ -331,9 +358,55 @@ class Worker:
         assert sel is not None
         if costs is not None:
             costs.kept(len(keep) / n)
+        if self._gate is not None:
+            self._gate_counts[2 * self._gate_half:2 * self._gate_half + 2] += (len(keep), n)
         self._settle(sums)
         self._pending = _Selection(ids, scored, keep, count, sel.loss_perc)
         return keep.to(device)
+
+    def _score_autocast(self, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+        # fp32 turns off an autocast of the caller's; None leaves it as it is.
+        return (contextlib.nullcontext() if dtype is None else torch.autocast(
+            self.device.type, dtype=dtype, enabled=dtype != torch.float32))
+
+    def _probe(self, score: Callable[[], torch.Tensor]) -> torch.dtype | None:
+        """auto on a CPU: times the scoring forward of the first batch in the loop's own
+        precision and under bf16 autocast (summed over ranks, so every rank picks alike); bf16
+        only if it is `PROBE_GAIN` of the other or less."""
+        seconds = []
+        for dtype in (None, torch.bfloat16):
+            with torch.inference_mode(), self._score_autocast(dtype):
+                score()  # warm-up: first-call allocations and kernel choice
+                tick = time.perf_counter()
+                for _ in range(PROBE_REPS):
+                    score()
+                seconds.append(time.perf_counter() - tick)
+        own_s, bf16_s = self._reduce(seconds)
+        chosen = torch.bfloat16 if bf16_s <= PROBE_GAIN * own_s else None
+        log.info("scoring forward: %.2f ms as the loop runs, %.2f ms under bf16 autocast: %s",
+                 own_s / PROBE_REPS / self.world_size * 1e3,
+                 bf16_s / PROBE_REPS / self.world_size * 1e3,
+                 "bf16" if chosen else "the loop's precision")
+        return chosen
+
+    def _gate_step(self) -> None:
+        """Counts this batch into its half of the round; at a round's first batch, decides
+        from the last round (one collective: every rank is at that batch) whether it filters."""
+        if self.epoch != self._gate_round:
+            if self._gate_round >= 0:
+                k1, s1, k2, s2 = self._reduce(self._gate_counts.tolist())
+                if s1 > 0 and s2 > 0:
+                    filters = self._gate.filters(k1 / s1, k2 / s2)  # type: ignore[union-attr]
+                    if filters != self._round_filters:
+                        self._gate_switches += 1
+                        log.info("round %d: the filter is %s (last round kept %.0f%% then "
+                                 "%.0f%%)", self.epoch, "on" if filters else "off",
+                                 100 * k1 / s1, 100 * k2 / s2)
+                    self._round_filters = filters
+            self._gate_round, self._gate_pos = self.epoch, 0
+            self._gate_counts[:] = 0
+        self._gate_half = int(2 * self._gate_pos >= self.steps_per_epoch)
+        self._gate_pos += 1
 
     def _filter(self, scored: torch.Tensor, w: torch.Tensor | None
                 ) -> tuple[Selection, torch.Tensor]:
@@ -378,11 +451,16 @@ class Worker:
         if sel.keep is not None:
             kept = torch.zeros(len(scored), dtype=torch.bool)
             kept[sel.keep] = True
-        elif self._costs is not None:
+        elif self._costs is not None or self._gate is not None:
             # A full step: what the filter would have kept, from this forward's losses, so
-            # the cost model sees when filtering pays again.
+            # the cost model (or the gate) sees when filtering pays again.
             with contextlib.suppress(ValueError):  # NaN/inf: nothing to say this step
-                self._costs.kept(len(self._filter(scored, w)[1]) / max(len(scored), 1))
+                would = len(self._filter(scored, w)[1])
+                if self._costs is not None:
+                    self._costs.kept(would / max(len(scored), 1))
+                else:
+                    h = 2 * self._gate_half
+                    self._gate_counts[h:h + 2] += (would, len(scored))
         self._stats += (float(scored.sum()), len(scored), int(kept.sum()), sel.loss_share, 1,
                         float(sel.keep is not None))
         if self.reporter is not None:
@@ -436,10 +514,12 @@ class Worker:
                "scored_perc": scored / max(steps * self.batch_size, 1),
                "loss_perc": share_sum / max(steps, 1), "steps": steps / self.world_size,
                "filter_steps": filtered / max(steps, 1), "cost_switches": 0.0}
-        if self._costs is not None:
-            switches = len(self._costs.model.decisions)
+        if self._costs is not None or self._gate is not None:
+            switches = (len(self._costs.model.decisions) if self._costs is not None
+                        else self._gate_switches)
             out["cost_switches"] = float(switches - self._switches_before)
             self._switches_before = switches
+        if self._costs is not None:
             ratio = self._costs.model.predicted_ratio()
             if ratio is not None:
                 out["predicted_ratio"] = ratio
@@ -467,6 +547,11 @@ class Worker:
             "fallback_rounds": self.fallback_rounds}
         if self._costs is not None:
             state["cost_model"] = self._costs.state_dict()
+        if self._gate is not None:
+            state["filter_gate"] = {"round": self._gate_round, "pos": self._gate_pos,
+                                    "counts": self._gate_counts.tolist(),
+                                    "filters": self._round_filters,
+                                    "switches": self._gate_switches}
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -476,6 +561,12 @@ class Worker:
         if self._costs is not None and "cost_model" in state:
             self._costs.load_state_dict(state["cost_model"])
             self._switches_before = len(self._costs.model.decisions)
+        if self._gate is not None and "filter_gate" in state:
+            g = state["filter_gate"]
+            self._gate_round, self._gate_pos = int(g["round"]), int(g["pos"])
+            self._gate_counts[:] = g["counts"]
+            self._round_filters, self._gate_switches = bool(g["filters"]), int(g["switches"])
+            self._switches_before = self._gate_switches
         self.sampler.set_epoch(int(state["epoch"]))
         self.service_rounds_before = int(state["service_rounds"]) - self._plans.service_rounds
         self.fallback_rounds_before = int(state["fallback_rounds"]) - self._plans.fallback_rounds

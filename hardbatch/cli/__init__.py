@@ -49,8 +49,9 @@ def main() -> None:
                    "[default: 1].")
 @click.option("--ablations", default=None, metavar="A,B",
               help="frontier: ablation arms to train, comma-separated, from uniform, "
-                   "half, half_weighted, half_uniform, half_uncertain, cost_model, no_guard, "
-                   "steps40, steps40_uniform, fixed_size ('' for none) [default: all].")
+                   "half, half_weighted, half_uniform, half_uncertain, cost_model, no_gate, "
+                   "no_guard, steps40, steps40_uniform, fixed_size ('' for none) "
+                   "[default: all].")
 def bench(name: str, quick: bool, out: str, task: str | None, task_args: tuple[str, ...],
           workers: int | None, seeds: int | None, threads: int | None,
           ablations: str | None) -> None:

@@ -157,3 +157,17 @@ def test_the_fixed_share_is_fitted_only_where_timing_noise_is_not_amplified() ->
     drive(near_full, lambda s: 0.8, range(8))
     assert near_full.summary()["overhead"] is None  # o = 0 (optimistic) until s < FIT_BELOW
     assert near_full.predicted_ratio() == pytest.approx(SCORE_S + 0.8)
+
+
+def test_kept_gate_filters_while_the_kept_share_is_low_or_falling():
+    from hardbatch.sampler.cost_model import KeptGate
+
+    gate = KeptGate()
+    assert gate.filters(0.9, 0.5)  # low: the scoring forward pays for itself
+    assert gate.filters(0.95, 0.85)  # high but falling (losses concentrating)
+    assert not gate.filters(0.84, 0.83)  # high and flat: full batches pay more
+    assert not gate.filters(0.80, 0.85)  # rising
+    assert gate.filters(0.2, 0.6)  # below 2/3, even while it rises
+    for bad in ({"max_kept": 0.0}, {"max_kept": 1.5}, {"min_fall": 1.0}, {"min_fall": -0.1}):
+        with pytest.raises(ValueError):
+            KeptGate(**bad)

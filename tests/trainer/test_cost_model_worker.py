@@ -20,7 +20,8 @@ from torch.utils.data import TensorDataset
 from hardbatch import Worker, WorkerConfig
 
 N, BS = 64 * 200, 64
-ON = WorkerConfig(cost_model=True)  # off by default
+# Off by default. fp32: auto would time its first scoring in both precisions (more calls).
+ON = WorkerConfig(cost_model=True, score_precision="fp32")
 FLAT = torch.ones(N)  # the filter keeps ~90% of every batch
 PEAKED = torch.where(torch.arange(N) % 16 == 0, 100.0, 0.01)  # ~4 of 64 carry ~99%
 
@@ -79,7 +80,8 @@ def test_filter_stays_on_where_it_pays():
 
 
 def test_cost_model_off_filters_every_step():
-    with Worker(WorkerConfig(cost_model=False), dataset(), batch_size=BS) as hb:
+    with Worker(WorkerConfig(cost_model=False, score_precision="fp32"), dataset(),
+                batch_size=BS) as hb:
         modes, calls = run(hb, 40, FLAT, score_s=0.01, full_train_s=0.001)
         stats = hb.summary()
         assert "cost_model" not in hb.state_dict()

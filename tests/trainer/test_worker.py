@@ -15,8 +15,9 @@ from torch.utils.data.distributed import DistributedSampler
 
 from hardbatch import Driver, PlanConfig, Worker, WorkerConfig
 
-# The filter on every step, from the first (the cost model measures full steps first).
-FILTERING = WorkerConfig(cost_model=False)
+# The filter on every step, from the first (the cost model measures full steps first; the
+# gate turns it off for a round after one of flat losses).
+FILTERING = WorkerConfig(cost_model=False, filter_gate=False)
 
 
 class Recorder:
@@ -142,6 +143,60 @@ def test_state_dict_continues_step_numbers():
         keep = again.select(ids, x.abs().sum(1))
         again.loss(torch.ones(len(keep)))
         assert rec.calls[-1][3:] == (3, 1)
+
+
+def test_the_gate_turns_the_filter_off_on_flat_losses_and_back_on_when_they_concentrate():
+    flat = torch.ones(16)  # the filter keeps 15 of 16: high, and as high at the round's end
+    peaked = torch.full((16,), 0.01)
+    peaked[0] = 100.0  # one sample carries the loss: the filter would keep 1 of 16
+    scorings = []
+
+    def run_round(hb, epoch, losses):
+        for ids, _ in hb.batches(epoch):
+            keep = hb.select(ids, lambda: scorings.append(epoch) or losses)
+            hb.loss(losses[keep])
+        return hb.summary()
+
+    config = WorkerConfig(score_precision="fp32")
+    with Worker(config, data(64), batch_size=16) as hb:
+        assert run_round(hb, 0, flat)["filter_steps"] == 1.0
+        state = hb.state_dict()
+        one = run_round(hb, 1, peaked)  # full batches: no scoring forward, the losses come
+        assert one["filter_steps"] == 0.0 and one["cost_switches"] == 1  # from loss()
+        assert one["samp_perc"] == 1.0
+        two = run_round(hb, 2, peaked)
+        assert two["filter_steps"] == 1.0 and two["cost_switches"] == 1
+        assert two["samp_perc"] == pytest.approx(1 / 16)
+    assert scorings == [0] * 4 + [2] * 4
+    # A checkpoint at the end of round 0 decides round 1 alike.
+    with Worker(config, data(64), batch_size=16) as again:
+        again.load_state_dict(state)
+        assert run_round(again, 1, peaked)["filter_steps"] == 0.0
+    # Gate off: the filter runs on every step, flat losses or not.
+    with Worker(WorkerConfig(score_precision="fp32", filter_gate=False), data(64),
+                batch_size=16) as hb:
+        run_round(hb, 0, flat)
+        assert run_round(hb, 1, flat)["filter_steps"] == 1.0
+
+
+@pytest.mark.parametrize("slow", ["bf16", "fp32"])
+def test_score_precision_auto_on_a_cpu_scores_in_bf16_only_where_that_is_faster(slow):
+    seen = []
+
+    def score():
+        bf16 = torch.is_autocast_enabled("cpu")
+        if bf16 == (slow == "bf16"):
+            time.sleep(0.005)
+        seen.append(bf16)
+        return torch.ones(8)
+
+    with Worker(WorkerConfig(score_precision="auto"), data(16), batch_size=8,
+                device="cpu") as hb:
+        for ids, _ in hb.batches(0):
+            hb.loss(torch.ones(len(hb.select(ids, score))))
+    probe, used = seen[:-2], seen[-2:]  # the first batch times both, then two real scorings
+    assert probe.count(True) == probe.count(False)
+    assert used == [slow == "fp32"] * 2
 
 
 def test_iter_batches_is_lazy_for_any_dataset():
