@@ -84,11 +84,11 @@ class WorkerConfig:
                 "does, from measured step times; off: the filter runs every step (a "
                 "deterministic schedule)."})
     filter_gate: bool = field(default=True, metadata={
-        "help": "Per round, turn the filter off where the last round kept 2/3 or more of each "
-                "batch and that share stopped falling (flat losses: the scoring forward costs "
-                "more than the smaller step saves), and back on once it would keep less; "
-                "decided from losses alone, so runs stay deterministic. Off: the filter runs "
-                "every step. Ignored with cost_model."})
+        "help": "Filter only where it pays, judged from the kept share alone (deterministic): "
+                "eight times a round, the filter runs if the share it keeps (or would keep, "
+                "from a full step's losses) is below 2/3 or falls fast enough to get there "
+                "within a round; else full batches, unscored (flat losses). Training starts "
+                "with full steps. Off: the filter on every step. Ignored with cost_model."})
     min_loss_perc: float = field(default=0.9, metadata={
         "help": "Share of the batch loss the kept examples must carry."})
     min_samples_perc: float = field(default=0.0, metadata={
@@ -258,11 +258,14 @@ class Worker:
         self._costs = StepCosts() if cfg.filter and cfg.cost_model else None
         self._gate = (KeptGate() if cfg.filter and cfg.filter_gate and self._costs is None
                       else None)
-        # The gate's view of the round in progress: kept (or would-be kept) and scored in its
-        # first and second half, on this rank; whether this round filters; switches so far.
-        self._gate_round, self._gate_pos, self._gate_half = -1, 0, 0
-        self._gate_counts = np.zeros(4)
-        self._round_filters = True
+        # The gate: the stretch of steps in progress (epoch, window), its kept (or would-be
+        # kept) and scored counts on this rank, the last stretch's share over all ranks,
+        # whether this stretch filters (training starts with full steps), switches so far.
+        self._round_pos = (0, -1)  # (this batch's place in its round, the round)
+        self._gate_at = (-1, -1)
+        self._gate_counts = np.zeros(2)
+        self._gate_last: float | None = None
+        self._gate_filters = self._gate is None
         self._gate_switches = 0
         self._switches_before = 0  # the cost model's switches at the last summary
 
@@ -316,9 +319,11 @@ class Worker:
         if costs is not None and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the last step's kernels end in its time
         if self._gate is not None:
-            self._gate_step()
+            self._round_pos = (self._round_pos[0] + 1 if self._round_pos[1] == self.epoch
+                               else 0, self.epoch)
+            self._gate_step(self._round_pos[0])
         mode = (costs.begin(self.epoch) if costs is not None
-                else Mode.FILTER if self.config.filter and self._round_filters else Mode.FULL)
+                else Mode.FILTER if self.config.filter and self._gate_filters else Mode.FULL)
         measured = costs.pending() if costs is not None else []
         if mode is Mode.FULL:
             count, _, *sums = self._reduce([float(n) if w is None else float(w.sum()), 0.0,
@@ -359,7 +364,7 @@ class Worker:
         if costs is not None:
             costs.kept(len(keep) / n)
         if self._gate is not None:
-            self._gate_counts[2 * self._gate_half:2 * self._gate_half + 2] += (len(keep), n)
+            self._gate_counts += (len(keep), n)
         self._settle(sums)
         self._pending = _Selection(ids, scored, keep, count, sel.loss_perc)
         return keep.to(device)
@@ -389,24 +394,27 @@ class Worker:
                  "bf16" if chosen else "the loop's precision")
         return chosen
 
-    def _gate_step(self) -> None:
-        """Counts this batch into its half of the round; at a round's first batch, decides
-        from the last round (one collective: every rank is at that batch) whether it filters."""
-        if self.epoch != self._gate_round:
-            if self._gate_round >= 0:
-                k1, s1, k2, s2 = self._reduce(self._gate_counts.tolist())
-                if s1 > 0 and s2 > 0:
-                    filters = self._gate.filters(k1 / s1, k2 / s2)  # type: ignore[union-attr]
-                    if filters != self._round_filters:
-                        self._gate_switches += 1
-                        log.info("round %d: the filter is %s (last round kept %.0f%% then "
-                                 "%.0f%%)", self.epoch, "on" if filters else "off",
-                                 100 * k1 / s1, 100 * k2 / s2)
-                    self._round_filters = filters
-            self._gate_round, self._gate_pos = self.epoch, 0
-            self._gate_counts[:] = 0
-        self._gate_half = int(2 * self._gate_pos >= self.steps_per_epoch)
-        self._gate_pos += 1
+    def _gate_step(self, pos: int) -> None:
+        """At the first batch of a stretch (`pos`: the batch's place in its round), decides
+        from the last stretch whether this one filters: one collective per stretch, where
+        every rank is at the same batch."""
+        gate = self._gate
+        assert gate is not None
+        at = (self.epoch, pos * gate.windows // max(self.steps_per_epoch, 1))
+        if at == self._gate_at:
+            return
+        kept, scored = self._reduce(self._gate_counts.tolist())
+        if scored > 0:
+            share = kept / scored
+            filters = gate.filters(share, self._gate_last)
+            if filters != self._gate_filters:
+                self._gate_switches += 1
+                log.info("round %d, batch %d: the filter turns %s (it kept %.0f%%, %.0f%% "
+                         "projected a round ahead)", self.epoch, pos, "on" if filters else "off",
+                         100 * share, 100 * gate.projected(share, self._gate_last))
+            self._gate_filters, self._gate_last = filters, share
+        self._gate_at = at
+        self._gate_counts[:] = 0
 
     def _filter(self, scored: torch.Tensor, w: torch.Tensor | None
                 ) -> tuple[Selection, torch.Tensor]:
@@ -459,8 +467,7 @@ class Worker:
                 if self._costs is not None:
                     self._costs.kept(would / max(len(scored), 1))
                 else:
-                    h = 2 * self._gate_half
-                    self._gate_counts[h:h + 2] += (would, len(scored))
+                    self._gate_counts += (would, len(scored))
         self._stats += (float(scored.sum()), len(scored), int(kept.sum()), sel.loss_share, 1,
                         float(sel.keep is not None))
         if self.reporter is not None:
@@ -548,9 +555,9 @@ class Worker:
         if self._costs is not None:
             state["cost_model"] = self._costs.state_dict()
         if self._gate is not None:
-            state["filter_gate"] = {"round": self._gate_round, "pos": self._gate_pos,
+            state["filter_gate"] = {"at": list(self._gate_at), "pos": list(self._round_pos),
                                     "counts": self._gate_counts.tolist(),
-                                    "filters": self._round_filters,
+                                    "last": self._gate_last, "filters": self._gate_filters,
                                     "switches": self._gate_switches}
         return state
 
@@ -563,9 +570,11 @@ class Worker:
             self._switches_before = len(self._costs.model.decisions)
         if self._gate is not None and "filter_gate" in state:
             g = state["filter_gate"]
-            self._gate_round, self._gate_pos = int(g["round"]), int(g["pos"])
+            self._gate_at = (int(g["at"][0]), int(g["at"][1]))
+            self._round_pos = (int(g["pos"][0]), int(g["pos"][1]))
             self._gate_counts[:] = g["counts"]
-            self._round_filters, self._gate_switches = bool(g["filters"]), int(g["switches"])
+            self._gate_last, self._gate_filters = g["last"], bool(g["filters"])
+            self._gate_switches = int(g["switches"])
             self._switches_before = self._gate_switches
         self.sampler.set_epoch(int(state["epoch"]))
         self.service_rounds_before = int(state["service_rounds"]) - self._plans.service_rounds

@@ -27,9 +27,10 @@ def weighted_run(redis_url: str, run: str, n: int) -> Iterator[Driver]:
     plan = PlanConfig(alpha=2.0, lam=0.1, beta=1.0)
     # Half the data a round: inclusion probabilities, and so the weights, differ by hardness
     # (a round over every sample takes each with probability 1: all weights 1). The cost
-    # model off: the integration and its reference worker filter alike on every step.
+    # model and the gate off: the integration and its reference worker filter alike on every
+    # step.
     worker = WorkerConfig(min_loss_perc=0.7, score_precision="fp32", plan_fraction=0.5,
-                          cost_model=False)
+                          cost_model=False, filter_gate=False)
     with Driver(n, rounds=2, redis=redis_url, run=run, plan=plan, worker=worker,
                 ray_address=None) as d:
         # Some history first, so priorities (and so the weights) differ per sample.

@@ -159,15 +159,16 @@ def test_the_fixed_share_is_fitted_only_where_timing_noise_is_not_amplified() ->
     assert near_full.predicted_ratio() == pytest.approx(SCORE_S + 0.8)
 
 
-def test_kept_gate_filters_while_the_kept_share_is_low_or_falling():
+def test_kept_gate_filters_where_the_kept_share_is_low_or_falling_towards_low():
     from hardbatch.sampler.cost_model import KeptGate
 
-    gate = KeptGate()
-    assert gate.filters(0.9, 0.5)  # low: the scoring forward pays for itself
-    assert gate.filters(0.95, 0.85)  # high but falling (losses concentrating)
-    assert not gate.filters(0.84, 0.83)  # high and flat: full batches pay more
-    assert not gate.filters(0.80, 0.85)  # rising
-    assert gate.filters(0.2, 0.6)  # below 2/3, even while it rises
-    for bad in ({"max_kept": 0.0}, {"max_kept": 1.5}, {"min_fall": 1.0}, {"min_fall": -0.1}):
+    gate = KeptGate()  # 8 stretches a round
+    assert not gate.filters(0.9, None)  # nothing to project from: high is high
+    assert gate.filters(0.5, None) and gate.filters(0.6, 0.5)  # low, even while it rises
+    assert gate.filters(0.87, 0.90)  # 0.87 - 8 x 0.03 = 0.63 a round ahead
+    assert not gate.filters(0.894, 0.898)  # flat: 0.86 a round ahead
+    assert not gate.filters(0.85, 0.80)  # high and rising
+    assert gate.projected(0.3, 0.9) == 0.0
+    for bad in ({"max_kept": 0.0}, {"max_kept": 1.5}, {"windows": 0}):
         with pytest.raises(ValueError):
             KeptGate(**bad)

@@ -80,8 +80,8 @@ def test_filter_stays_on_where_it_pays():
 
 
 def test_cost_model_off_filters_every_step():
-    with Worker(WorkerConfig(cost_model=False, score_precision="fp32"), dataset(),
-                batch_size=BS) as hb:
+    with Worker(WorkerConfig(cost_model=False, filter_gate=False, score_precision="fp32"),
+                dataset(), batch_size=BS) as hb:
         modes, calls = run(hb, 40, FLAT, score_s=0.01, full_train_s=0.001)
         stats = hb.summary()
         assert "cost_model" not in hb.state_dict()

@@ -39,7 +39,7 @@ def _rank(rank: int, port: int, q, poison: bool = False) -> None:
         x[1, 3] = float("nan")  # one NaN loss on rank 1 only
     # ranks keep different counts
     config = WorkerConfig(min_loss_perc=0.5 + 0.3 * rank, score_precision="fp32",
-                          cost_model=False)  # the filter on the first step
+                          cost_model=False, filter_gate=False)  # the filter on the first step
     hb = Worker(config, TensorDataset(x[rank], y[rank]), batch_size=32)
     assert (hb.rank, hb.world_size) == (rank, 2)
     ids = torch.arange(32)

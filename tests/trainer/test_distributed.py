@@ -44,6 +44,19 @@ def test_two_workers_train_on_service_plans_and_stream_every_loss(ray_cluster, r
     assert 0 < done.result.epochs[-1]["samp_perc"] < 1
 
 
+def test_two_runs_of_one_seed_on_two_workers_are_the_same_run(ray_cluster, redis_url,
+                                                            tmp_path):
+    # The default configuration (service plans with an adaptive size, the noise guard, the
+    # filter gate) under two run names; fp32 scoring, as auto picks its precision by timing.
+    # size_factor 1: the plans leave samples out from the second round on.
+    runs = [launch(JobConfig(**SMALL, epochs=4, seed=5, size_factor=1.0,
+                             score_precision="fp32", redis=redis_url, run=f"twin-{k}",
+                             storage=str(tmp_path / str(k)))).result for k in range(2)]
+    a, b = ([(e["val_loss"], e["samp_perc"], e["scored_perc"]) for e in r.epochs] for r in runs)
+    assert a == b
+    assert min(e["scored_perc"] for e in runs[0].epochs) < 1.0
+
+
 def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_cluster, redis_url, tmp_path):
     job = JobConfig(**{**SMALL, "num_samples": 8000, "width": 48}, epochs=6, redis=redis_url,
                     run="dist-kill", storage=str(tmp_path), max_failures=2)

@@ -80,7 +80,8 @@ def test_select_and_loss_train_on_the_hardest_and_report_every_scored_example():
     ds = data(64)
     model = torch.nn.Linear(4, 3)
     loss_fn = torch.nn.CrossEntropyLoss(reduction="none")
-    config = WorkerConfig(min_loss_perc=0.5, score_precision="fp32", cost_model=False)
+    config = WorkerConfig(min_loss_perc=0.5, score_precision="fp32", cost_model=False,
+                          filter_gate=False)
     with Worker(config, ds, batch_size=64, reporter=rec) as hb:
         ((ids, (x, y)),) = list(hb.batches(0))
         keep = hb.select(ids, lambda: loss_fn(model(x), y))
@@ -145,10 +146,10 @@ def test_state_dict_continues_step_numbers():
         assert rec.calls[-1][3:] == (3, 1)
 
 
-def test_the_gate_turns_the_filter_off_on_flat_losses_and_back_on_when_they_concentrate():
-    flat = torch.ones(16)  # the filter keeps 15 of 16: high, and as high at the round's end
+def test_the_gate_filters_only_where_the_kept_share_says_it_pays():
+    flat = torch.ones(16)  # the filter keeps (or would keep) 15 of 16, and stays there
     peaked = torch.full((16,), 0.01)
-    peaked[0] = 100.0  # one sample carries the loss: the filter would keep 1 of 16
+    peaked[0] = 100.0  # one sample carries the loss: 1 of 16
     scorings = []
 
     def run_round(hb, epoch, losses):
@@ -157,26 +158,26 @@ def test_the_gate_turns_the_filter_off_on_flat_losses_and_back_on_when_they_conc
             hb.loss(losses[keep])
         return hb.summary()
 
+    # 4 batches a round: each is a stretch of its own (8 a round at most).
     config = WorkerConfig(score_precision="fp32")
     with Worker(config, data(64), batch_size=16) as hb:
-        assert run_round(hb, 0, flat)["filter_steps"] == 1.0
+        zero = run_round(hb, 0, flat)  # starts with full steps; flat: stays there
+        assert zero["filter_steps"] == 0.0 and zero["samp_perc"] == 1.0
         state = hb.state_dict()
-        one = run_round(hb, 1, peaked)  # full batches: no scoring forward, the losses come
-        assert one["filter_steps"] == 0.0 and one["cost_switches"] == 1  # from loss()
-        assert one["samp_perc"] == 1.0
-        two = run_round(hb, 2, peaked)
-        assert two["filter_steps"] == 1.0 and two["cost_switches"] == 1
-        assert two["samp_perc"] == pytest.approx(1 / 16)
-    assert scorings == [0] * 4 + [2] * 4
-    # A checkpoint at the end of round 0 decides round 1 alike.
+        one = run_round(hb, 1, peaked)  # a full step finds 1 of 16 would do: filters from
+        assert one["filter_steps"] == 0.75 and one["cost_switches"] == 1  # the next batch
+        assert one["samp_perc"] == pytest.approx((16 + 3) / 64)
+        two = run_round(hb, 2, flat)  # one filtered batch keeps 15 of 16: full again
+        assert two["filter_steps"] == 0.25 and two["cost_switches"] == 1
+    assert scorings == [1, 1, 1, 2]
+    # A checkpoint decides alike.
     with Worker(config, data(64), batch_size=16) as again:
         again.load_state_dict(state)
-        assert run_round(again, 1, peaked)["filter_steps"] == 0.0
-    # Gate off: the filter runs on every step, flat losses or not.
+        assert run_round(again, 1, peaked)["filter_steps"] == 0.75
+    # Gate off: the filter on every step, flat losses or not.
     with Worker(WorkerConfig(score_precision="fp32", filter_gate=False), data(64),
                 batch_size=16) as hb:
-        run_round(hb, 0, flat)
-        assert run_round(hb, 1, flat)["filter_steps"] == 1.0
+        assert run_round(hb, 0, flat)["filter_steps"] == 1.0
 
 
 @pytest.mark.parametrize("slow", ["bf16", "fp32"])
@@ -190,8 +191,8 @@ def test_score_precision_auto_on_a_cpu_scores_in_bf16_only_where_that_is_faster(
         seen.append(bf16)
         return torch.ones(8)
 
-    with Worker(WorkerConfig(score_precision="auto"), data(16), batch_size=8,
-                device="cpu") as hb:
+    with Worker(WorkerConfig(score_precision="auto", filter_gate=False), data(16),
+                batch_size=8, device="cpu") as hb:
         for ids, _ in hb.batches(0):
             hb.loss(torch.ones(len(hb.select(ids, score))))
     probe, used = seen[:-2], seen[-2:]  # the first batch times both, then two real scorings
@@ -287,7 +288,8 @@ def test_weight_zero_is_never_trained_and_weights_normalize_the_loss():
     # The plan flags sample 7 (the hardest) as a suspect: weight 0.
     weights = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.5, 2.0, 1.5, 0.0])
     rec = Recorder()
-    cfg = WorkerConfig(importance_weights=True, min_loss_perc=0.9, cost_model=False)
+    cfg = WorkerConfig(importance_weights=True, min_loss_perc=0.9, cost_model=False,
+                       filter_gate=False)
     with Worker(cfg, ds, batch_size=bs, reporter=rec) as hb:
         hb.sampler._rounds = lambda e: Round([ids], [weights])
         got_ids, (x, _) = next(iter(hb.batches(0)))
