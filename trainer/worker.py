@@ -264,7 +264,7 @@ class Worker:
         self._round_pos = (0, -1)  # (this batch's place in its round, the round)
         self._gate_at = (-1, -1)
         self._gate_counts = np.zeros(2)
-        self._gate_last: float | None = None
+        self._gate_shares: list[float] = []  # of the last stretches, oldest first
         self._gate_filters = self._gate is None
         self._gate_switches = 0
         self._switches_before = 0  # the cost model's switches at the last summary
@@ -405,14 +405,14 @@ class Worker:
             return
         kept, scored = self._reduce(self._gate_counts.tolist())
         if scored > 0:
-            share = kept / scored
-            filters = gate.filters(share, self._gate_last)
+            self._gate_shares = [*self._gate_shares[-gate.windows:], kept / scored]
+            filters = gate.filters(self._gate_shares)
             if filters != self._gate_filters:
                 self._gate_switches += 1
                 log.info("round %d, batch %d: the filter turns %s (it kept %.0f%%, %.0f%% "
                          "projected a round ahead)", self.epoch, pos, "on" if filters else "off",
-                         100 * share, 100 * gate.projected(share, self._gate_last))
-            self._gate_filters, self._gate_last = filters, share
+                         100 * self._gate_shares[-1], 100 * gate.projected(self._gate_shares))
+            self._gate_filters = filters
         self._gate_at = at
         self._gate_counts[:] = 0
 
@@ -557,7 +557,8 @@ class Worker:
         if self._gate is not None:
             state["filter_gate"] = {"at": list(self._gate_at), "pos": list(self._round_pos),
                                     "counts": self._gate_counts.tolist(),
-                                    "last": self._gate_last, "filters": self._gate_filters,
+                                    "shares": list(self._gate_shares),
+                                    "filters": self._gate_filters,
                                     "switches": self._gate_switches}
         return state
 
@@ -573,7 +574,8 @@ class Worker:
             self._gate_at = (int(g["at"][0]), int(g["at"][1]))
             self._round_pos = (int(g["pos"][0]), int(g["pos"][1]))
             self._gate_counts[:] = g["counts"]
-            self._gate_last, self._gate_filters = g["last"], bool(g["filters"])
+            self._gate_shares = [float(x) for x in g["shares"]]
+            self._gate_filters = bool(g["filters"])
             self._gate_switches = int(g["switches"])
             self._switches_before = self._gate_switches
         self.sampler.set_epoch(int(state["epoch"]))

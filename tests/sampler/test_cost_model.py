@@ -163,12 +163,16 @@ def test_kept_gate_filters_where_the_kept_share_is_low_or_falling_towards_low():
     from hardbatch.sampler.cost_model import KeptGate
 
     gate = KeptGate()  # 8 stretches a round
-    assert not gate.filters(0.9, None)  # nothing to project from: high is high
-    assert gate.filters(0.5, None) and gate.filters(0.6, 0.5)  # low, even while it rises
-    assert gate.filters(0.87, 0.90)  # 0.87 - 8 x 0.03 = 0.63 a round ahead
-    assert not gate.filters(0.894, 0.898)  # flat: 0.86 a round ahead
-    assert not gate.filters(0.85, 0.80)  # high and rising
-    assert gate.projected(0.3, 0.9) == 0.0
+    assert not gate.filters([]) and not gate.filters([0.9])  # nothing known, or high
+    assert gate.filters([0.5]) and gate.filters([0.5, 0.6])  # low, even while it rises
+    assert gate.filters([0.90, 0.87])  # 0.87 - 8 x 0.03 = 0.63 a round ahead
+    # The sequence task's first epoch: falling 1.8 points a stretch at most, 0.70 ahead.
+    assert not gate.filters([0.898, 0.894, 0.876, 0.845, 0.829])
+    # A share that wobbles is not falling: the fall is over up to a round, not one stretch.
+    wobble = [0.87, 0.89, 0.86, 0.88, 0.87, 0.89, 0.86, 0.88, 0.86]
+    assert not any(gate.filters(wobble[:k]) for k in range(1, len(wobble) + 1))
+    assert not gate.filters([0.80, 0.85])  # high and rising
+    assert gate.projected([0.9, 0.3]) == 0.0
     for bad in ({"max_kept": 0.0}, {"max_kept": 1.5}, {"windows": 0}):
         with pytest.raises(ValueError):
             KeptGate(**bad)
