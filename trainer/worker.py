@@ -14,6 +14,12 @@ ranks that keep more weigh more (design.md §6) and a NaN raises on every rank a
 instead of leaving the others in a collective; `loss` divides by that global count, applies
 importance weights when plans carry them, and reports every scored loss to the store.
 
+The filter gate (`filter_gate`, on by default; `sampler/cost_model.KeptGate`) runs the filter
+only where it pays by the kept share: training starts with full steps (`select` returns
+`slice(None)` and scores nothing; `loss` reports the training forward's losses, checks them
+for NaN/inf, and counts what the filter would keep), and eight times a round every rank
+decides alike whether the next stretch filters. From losses alone: runs stay reproducible.
+
 With `cost_model` on (off by default) `select` also times the steps (from one call to the next)
 and runs some of them in full, without the scoring forward, where the filter would keep so
 much of the batch that scoring costs more than it saves (`hardbatch.trainer.step_costs`); the
@@ -251,6 +257,7 @@ class Worker:
         self.loader = DataLoader(IdDataset(dataset), batch_size=batch_size, sampler=self.sampler,
                                  collate_fn=collate, **loader_kwargs)
         self._pending: _Selection | None = None
+        self._bad_full = False  # the last full step's losses were not all finite
         # scored loss sum, scored, kept, loss-share sum, steps, filtered steps
         self._stats = np.zeros(6)
         # The cost model turns the filter off on the steps where it does not pay (with the
@@ -325,9 +332,14 @@ class Worker:
         mode = (costs.begin(self.epoch) if costs is not None
                 else Mode.FILTER if self.config.filter and self._gate_filters else Mode.FULL)
         measured = costs.pending() if costs is not None else []
+        # A NaN/inf loss of the last full step (its losses came after its select) stops every
+        # rank here, at the same step: one rank raising alone would leave the others waiting.
+        bad_full, self._bad_full = self._bad_full, False
         if mode is Mode.FULL:
-            count, _, *sums = self._reduce([float(n) if w is None else float(w.sum()), 0.0,
-                                            *measured])
+            count, n_bad, *sums = self._reduce([float(n) if w is None else float(w.sum()),
+                                                float(bad_full), *measured])
+            if n_bad:
+                raise _nonfinite_full(self.step, n_bad)
             self._settle(sums)
             self._pending = _Selection(ids, None, None, count, 1.0)
             return slice(None)
@@ -355,8 +367,10 @@ class Worker:
         except ValueError as e:
             sel, keep, refused = None, torch.zeros(0, dtype=torch.long), e
         kept_weight = float(len(keep)) if w is None else float(w[keep].sum())
-        count, n_refused, *sums = self._reduce([kept_weight, float(refused is not None),
-                                                *measured])
+        count, n_refused, *sums = self._reduce([kept_weight, float(refused is not None)
+                                                + 1000.0 * bad_full, *measured])
+        if n_refused >= 1000:
+            raise _nonfinite_full(self.step, n_refused // 1000)
         if n_refused:
             raise refused or ValueError(
                 f"the loss filter refused the batch on {int(n_refused)} other rank(s)")
@@ -459,6 +473,12 @@ class Worker:
         if sel.keep is not None:
             kept = torch.zeros(len(scored), dtype=torch.bool)
             kept[sel.keep] = True
+        elif self.config.nonfinite == "raise" and not bool(torch.isfinite(scored).all()):
+            # A full step's losses were not scored before it: check them now. One process
+            # raises before backward; several ranks raise together at the next select.
+            if self.world_size == 1:
+                raise _nonfinite_full(self.step, 1)
+            self._bad_full = True
         elif self._costs is not None or self._gate is not None:
             # A full step: what the filter would have kept, from this forward's losses, so
             # the cost model (or the gate) sees when filtering pays again.
@@ -611,6 +631,13 @@ class _Selection:
     keep: torch.Tensor | None  # CPU indices, or None on a full step
     count: float  # kept over all ranks
     loss_share: float
+
+
+def _nonfinite_full(step: int, ranks: float) -> ValueError:
+    return ValueError(
+        f"NaN or inf loss at step {step} on {int(ranks)} rank(s), a full step (the batch was "
+        "not scored: filter off, or turned off by the gate or the cost model); pass "
+        "nonfinite='keep' to train on")
 
 
 def _default_device() -> torch.device:

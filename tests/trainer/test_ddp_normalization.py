@@ -29,14 +29,19 @@ def model():
     return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
 
 
-def _rank(rank: int, port: int, q, poison: bool = False) -> None:
+def _join(rank: int, port: int, poison: bool):
+    """This rank in a 2-process gloo group: the DDP model and the two ranks' data."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.set_num_threads(1)
-    m = nn.parallel.DistributedDataParallel(model())
     x, y = batches()
-    if poison and rank == 1:
+    if poison:
         x[1, 3] = float("nan")  # one NaN loss on rank 1 only
+    return nn.parallel.DistributedDataParallel(model()), x, y
+
+
+def _rank(rank: int, port: int, q, poison: bool = False) -> None:
+    m, x, y = _join(rank, port, poison)
     # ranks keep different counts
     config = WorkerConfig(min_loss_perc=0.5 + 0.3 * rank, score_precision="fp32",
                           cost_model=False, filter_gate=False)  # the filter on the first step
@@ -58,13 +63,32 @@ def _rank(rank: int, port: int, q, poison: bool = False) -> None:
     dist.destroy_process_group()
 
 
-def _run_ranks(poison: bool = False) -> dict:
+def _rank_full_steps(rank: int, port: int, q, poison: bool = False) -> None:
+    """Two epochs with the gate on: its first steps are full (nothing scored before them)."""
+    m, x, y = _join(rank, port, poison=True)
+    hb = Worker(WorkerConfig(score_precision="fp32"), TensorDataset(x[rank], y[rank]),
+                batch_size=8)
+    for epoch in (0, 1):
+        for ids, (xb, yb) in hb.batches(epoch):
+            try:
+                keep = hb.select(ids, lambda xb=xb, yb=yb: cross_entropy(m(xb), yb))
+            except ValueError as e:
+                q.put((rank, "raised", (hb.step, str(e))))
+                dist.destroy_process_group()
+                return
+            assert keep == slice(None)
+            hb.loss(cross_entropy(m(xb[keep]), yb[keep])).backward()
+    q.put((rank, "trained", None))
+    dist.destroy_process_group()
+
+
+def _run_ranks(poison: bool = False, target=_rank) -> dict:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = [ctx.Process(target=_rank, args=(r, port, q, poison)) for r in (0, 1)]
+    procs = [ctx.Process(target=target, args=(r, port, q, poison)) for r in (0, 1)]
     for p in procs:
         p.start()
     out = {r: (a, b) for r, a, b in (q.get(timeout=120) for _ in procs)}
@@ -78,6 +102,13 @@ def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step():
     out = _run_ranks(poison=True)
     assert out[0][0] == out[1][0] == "raised"  # neither waits for the other in a collective
     assert "NaN or inf" in out[1][1] and "other rank" in out[0][1]
+
+
+def test_a_nan_on_a_full_step_stops_every_rank_at_the_next_select():
+    out = _run_ranks(target=_rank_full_steps)
+    assert out[0][0] == out[1][0] == "raised"
+    (step0, msg0), (step1, msg1) = out[0][1], out[1][1]
+    assert step0 == step1 and "NaN or inf" in msg0 and "1 rank" in msg1
 
 
 def test_ddp_step_weighs_ranks_by_their_kept_counts():

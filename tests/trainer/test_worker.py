@@ -3,6 +3,7 @@ reporting, state, and the plans of a real service behind it."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -128,6 +129,20 @@ def test_nan_raises_and_misuse_is_refused():
         Worker({"min_loss": 0.5}, data(8), batch_size=8)
     with pytest.raises(ValueError, match="min_loss_perc"):
         WorkerConfig(min_loss_perc=2.0)
+
+
+@pytest.mark.parametrize("config", [WorkerConfig(score_precision="fp32"),  # gate: full first
+                                    WorkerConfig(filter=False)])
+def test_a_nan_on_a_full_step_raises_before_backward(config):
+    with Worker(config, data(8), batch_size=8) as hb:
+        ids = torch.arange(8)
+        assert hb.select(ids, torch.ones(8)) == slice(None)
+        with pytest.raises(ValueError, match="NaN or inf loss at step 1 on 1 rank"):
+            hb.loss(torch.tensor([1.0, float("nan"), 1, 1, 1, 1, 1, 1]))
+    keep_going = dataclasses.replace(config, nonfinite="keep")
+    with Worker(keep_going, data(8), batch_size=8) as hb:
+        hb.select(torch.arange(8), torch.ones(8))
+        assert hb.loss(torch.full((8,), float("inf"))).isinf()
 
 
 def test_state_dict_continues_step_numbers():
