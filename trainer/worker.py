@@ -269,7 +269,6 @@ class Worker:
         # kept) and scored counts on this rank, the last stretch's share over all ranks,
         # whether this stretch filters (training starts with full steps), switches so far.
         self._round_pos = (0, -1)  # (this batch's place in its round, the round)
-        self._gate_at = (-1, -1)
         self._gate_counts = np.zeros(2)
         self._gate_shares: list[float] = []  # of the last stretches, oldest first
         self._gate_filters = self._gate is None
@@ -326,9 +325,7 @@ class Worker:
         if costs is not None and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the last step's kernels end in its time
         if self._gate is not None:
-            self._round_pos = (self._round_pos[0] + 1 if self._round_pos[1] == self.epoch
-                               else 0, self.epoch)
-            self._gate_step(self._round_pos[0])
+            self._gate_step()
         mode = (costs.begin(self.epoch) if costs is not None
                 else Mode.FILTER if self.config.filter and self._gate_filters else Mode.FULL)
         measured = costs.pending() if costs is not None else []
@@ -408,14 +405,17 @@ class Worker:
                  "bf16" if chosen else "the loop's precision")
         return chosen
 
-    def _gate_step(self, pos: int) -> None:
-        """At the first batch of a stretch (`pos`: the batch's place in its round), decides
-        from the last stretch whether this one filters: one collective per stretch, where
-        every rank is at the same batch."""
+    def _gate_step(self) -> None:
+        """Places this batch in its round; at the first batch of a stretch, decides from the
+        last stretch whether this one filters: one collective per stretch, where every rank
+        is at the same batch."""
         gate = self._gate
         assert gate is not None
-        at = (self.epoch, pos * gate.windows // max(self.steps_per_epoch, 1))
-        if at == self._gate_at:
+        last, last_round = self._round_pos
+        pos = last + 1 if last_round == self.epoch else 0
+        self._round_pos = (pos, self.epoch)
+        stretch = gate.windows * pos // max(self.steps_per_epoch, 1)
+        if pos and stretch == gate.windows * (pos - 1) // max(self.steps_per_epoch, 1):
             return
         kept, scored = self._reduce(self._gate_counts.tolist())
         if scored > 0:
@@ -427,7 +427,6 @@ class Worker:
                          "projected a round ahead)", self.epoch, pos, "on" if filters else "off",
                          100 * self._gate_shares[-1], 100 * gate.projected(self._gate_shares))
             self._gate_filters = filters
-        self._gate_at = at
         self._gate_counts[:] = 0
 
     def _filter(self, scored: torch.Tensor, w: torch.Tensor | None
@@ -575,7 +574,7 @@ class Worker:
         if self._costs is not None:
             state["cost_model"] = self._costs.state_dict()
         if self._gate is not None:
-            state["filter_gate"] = {"at": list(self._gate_at), "pos": list(self._round_pos),
+            state["filter_gate"] = {"pos": list(self._round_pos),
                                     "counts": self._gate_counts.tolist(),
                                     "shares": list(self._gate_shares),
                                     "filters": self._gate_filters,
@@ -591,7 +590,6 @@ class Worker:
             self._switches_before = len(self._costs.model.decisions)
         if self._gate is not None and "filter_gate" in state:
             g = state["filter_gate"]
-            self._gate_at = (int(g["at"][0]), int(g["at"][1]))
             self._round_pos = (int(g["pos"][0]), int(g["pos"][1]))
             self._gate_counts[:] = g["counts"]
             self._gate_shares = [float(x) for x in g["shares"]]
