@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import math
 import os
 import platform
 import statistics
@@ -283,24 +284,31 @@ def run(quick: bool, out: Path, task: str = "mnist1d", task_args: dict[str, str]
     return result
 
 
-def analyze(runs: list[dict[str, Any]], metric: str, arms: dict[str, JobConfig]) -> dict[str, Any]:
-    """The frontier from the runs: per-config summaries, targets, speedups."""
-    names = [arm for arm in ARMS if arm in arms]
+def _curves(runs: list[dict[str, Any]], names: list[str], shared: set[str]
+            ) -> dict[str, dict[str, list[Any]]]:
+    """Each arm's configs' curves (one per run, in run order); the arms in `shared` are the
+    default's config and share its runs."""
     curves: dict[str, dict[str, list[Any]]] = {arm: {} for arm in names}
-    kept: dict[str, list[float]] = {}
-    meta: dict[str, dict[str, Any]] = {}
     for r in runs:
         curves[r["arm"]].setdefault(r["config"], []).append(r["evals"])
-        kept.setdefault(r["config"], []).append(r["epoch_metrics"][-1]["samp_perc"])
-        meta[r["config"]] = {k: r[k] for k in ("arm", "precision", "epochs", "passes")}
-    for arm in (a for a in ABLATIONS if a in arms):
-        if arms[arm] == arms["hardbatch"]:  # the same config: it shares the default's runs
-            curves[arm] = curves["hardbatch"]
+    for arm in shared:
+        curves[arm] = curves["hardbatch"]
+    return curves
+
+
+def _arms(arms: dict[str, JobConfig]) -> tuple[list[str], set[str]]:
+    """The arms in table order, and the ablations identical to the default."""
+    return ([arm for arm in ARMS if arm in arms],
+            {a for a in ABLATIONS if a in arms and arms[a] == arms["hardbatch"]})
+
+
+def _rows(names: list[str], curves: dict[str, dict[str, list[Any]]], metric: str
+          ) -> tuple[str, float, list[dict[str, Any]]]:
+    """The plain frontier's best config and median, and per target each arm's time."""
     plain_best = st.best_config(curves["plain"], metric)
     best = statistics.median(st.final(c, metric) for c in curves["plain"][plain_best])
-    targets = st.targets_from(best, metric)
     rows = []
-    for target in targets:
+    for target in st.targets_from(best, metric):
         row: dict[str, Any] = {"target": target, "best_config": {}}
         for arm in names:
             t, name, per_seed = st.fastest(curves[arm], target, metric)
@@ -310,6 +318,54 @@ def analyze(runs: list[dict[str, Any]], metric: str, arms: dict[str, JobConfig])
         row["speedup"] = st.ratio(row["plain_time_s"], row["hardbatch_time_s"])
         row["speedup_vs_uniform"] = st.ratio(row.get("uniform_time_s"), row["hardbatch_time_s"])
         rows.append(row)
+    return plain_best, best, rows
+
+
+def _headline(rows: list[dict[str, Any]]) -> dict[str, float | None]:
+    return {"speedup_at_best": rows[0]["speedup"],
+            "min_speedup_within_1pt": st.min_speedup([r["speedup"] for r in rows]),
+            "speedup_vs_uniform_at_best": rows[0]["speedup_vs_uniform"]}
+
+
+def seed_spread(runs: list[dict[str, Any]], metric: str, names: list[str], shared: set[str]
+                ) -> dict[str, Any]:
+    """How much the headline speedups move with the seeds: the whole analysis again on every
+    resample of the seeds with replacement (one resample applies to every config, as the seeds
+    were run interleaved), and each figure's 10th and 90th percentile over the resamples.
+    hardbatch never reaching a target counts as speedup 0; its uniform control never reaching
+    one that hardbatch reaches, as infinite (written as None: JSON has no infinity)."""
+    seeds = sorted({r["seed"] for r in runs})
+    by_seed: dict[int, list[dict[str, Any]]] = {s: [] for s in seeds}
+    for r in runs:
+        by_seed[r["seed"]].append(r)
+    figures: dict[str, list[float]] = {"speedup_at_best": [], "min_speedup_within_1pt": []}
+    resamples = st.seed_resamples(len(seeds))
+    for picks in resamples:
+        curves = _curves([r for i in picks for r in by_seed[seeds[i]]], names, shared)
+        rows = _rows(names, curves, metric)[2]
+        figures["speedup_at_best"].append(rows[0]["speedup"] or 0.0)
+        figures["min_speedup_within_1pt"].append(st.min_speedup([r["speedup"] for r in rows])
+                                                 or 0.0)
+        if "uniform" in names:
+            hb, uniform = rows[0]["hardbatch_time_s"], rows[0]["uniform_time_s"]
+            figures.setdefault("speedup_vs_uniform_at_best", []).append(
+                0.0 if hb is None else math.inf if uniform is None else uniform / hb)
+    return {"resamples": len(resamples),
+            **{key: {k: None if math.isinf(v) else v for k, v in st.percentiles(values).items()}
+               for key, values in figures.items()}}
+
+
+def analyze(runs: list[dict[str, Any]], metric: str, arms: dict[str, JobConfig]) -> dict[str, Any]:
+    """The frontier from the runs: per-config summaries, targets, speedups."""
+    names, shared = _arms(arms)
+    curves = _curves(runs, names, shared)
+    kept: dict[str, list[float]] = {}
+    meta: dict[str, dict[str, Any]] = {}
+    for r in runs:
+        kept.setdefault(r["config"], []).append(r["epoch_metrics"][-1]["samp_perc"])
+        meta[r["config"]] = {k: r[k] for k in ("arm", "precision", "epochs", "passes")}
+    plain_best, best, rows = _rows(names, curves, metric)
+    targets = [r["target"] for r in rows]
     best_configs = {arm: st.best_config(curves[arm], metric) for arm in names}
     hb_best = best_configs["hardbatch"]
 
@@ -328,9 +384,8 @@ def analyze(runs: list[dict[str, Any]], metric: str, arms: dict[str, JobConfig])
         "hardbatch_best_accuracy": median_of("hardbatch", hb_best, "val_accuracy"),
         "hardbatch_val_loss": median_of("hardbatch", hb_best, "val_loss"),
         "targets": rows,
-        "speedup_at_best": rows[0]["speedup"],
-        "min_speedup_within_1pt": st.min_speedup([r["speedup"] for r in rows]),
-        "speedup_vs_uniform_at_best": rows[0]["speedup_vs_uniform"],
+        **_headline(rows),
+        "seed_spread": seed_spread(runs, metric, names, shared),
         "composition": [st.versus(rows, a, c) for a, c in CONTROLS.items()
                         if a in names and c in names],
         "target_window": ("accuracy: best median down 1 point" if metric == "accuracy"
@@ -380,6 +435,18 @@ def print_table(r: dict[str, Any]) -> None:
           f"{fmt_x(r['speedup_at_best'])}; least within the window: "
           f"{fmt_x(r['min_speedup_within_1pt'])}; vs uniform plans at best: "
           f"{fmt_x(r['speedup_vs_uniform_at_best'])}")
+    sp = r["seed_spread"]
+
+    def fmt_p(key: str) -> str:
+        if key not in sp:
+            return "-"
+        lo, hi = (sp[key][p] for p in ("p10", "p90"))
+        return (f"{lo:.2f}x-" if lo is not None else "control never-") + (
+            f"{hi:.2f}x" if hi is not None else "control never")
+
+    print(f"over {sp['resamples']} resamples of the seeds (10th-90th percentile): at best "
+          f"{fmt_p('speedup_at_best')}; least {fmt_p('min_speedup_within_1pt')}; vs uniform "
+          f"{fmt_p('speedup_vs_uniform_at_best')}")
     for v in r["composition"]:
         print(f"{v['arm']} vs {v['control']} (same-size uniform plans): median "
               f"{fmt_x(v['median'])} over the targets both reach; {v['only_arm']} reached by "
@@ -390,3 +457,19 @@ def print_table(r: dict[str, Any]) -> None:
     if r["suspect_precision"] is not None or r["task_args"].get("noise"):
         print(f"suspect precision: {r['suspect_precision']} ({r['suspect_note']})")
     print(f"wall time {r['wall_time_s'] / 60:.1f} min\n")
+
+
+def respread(result: dict[str, Any]) -> dict[str, Any]:
+    """`seed_spread` for a `frontier.json` written before it was part of the result."""
+    names = result["arms"]
+    shared = {a for a, v in result["ablations"].items() if v["same_as_default"]}
+    return seed_spread(result["runs"], result["metric"], names, shared)
+
+
+if __name__ == "__main__":  # python -m benchmarks.frontier FRONTIER.json ...: the seed spread
+    import json
+    import sys
+
+    for path in sys.argv[1:]:
+        spread = respread(json.loads(Path(path).read_text()))
+        print(path, json.dumps(spread))

@@ -6,10 +6,14 @@ Pure functions over run curves (lists of eval dicts with `train_time_s`, `val_ac
 
 from __future__ import annotations
 
+import itertools
 import math
+import random
 import statistics
 from collections.abc import Sequence
 from typing import Any
+
+import numpy as np
 
 # Targets run from the plain frontier's best median down by one accuracy point in 0.1-point
 # steps; for tasks judged by validation loss, from the best median loss up by 2% in 0.2% steps.
@@ -93,6 +97,32 @@ def ratio(slow: float | None, fast: float | None) -> float | None:
 def min_speedup(speedups: Sequence[float | None]) -> float | None:
     """The smallest speedup over targets; a target hardbatch never reached counts as 0."""
     return min((0.0 if s is None else s) for s in speedups) if speedups else None
+
+
+def seed_resamples(n: int, limit: int = 3125, seed: int = 0) -> list[tuple[int, ...]]:
+    """Resamples of `n` seeds with replacement, as index tuples: all `n ** n` of them (the
+    exact bootstrap) up to `limit`, else `limit` drawn with a fixed seed.
+
+    Example:
+        >>> len(seed_resamples(3)), seed_resamples(2)
+        (27, [(0, 0), (0, 1), (1, 0), (1, 1)])
+    """
+    if n ** n <= limit:
+        return list(itertools.product(range(n), repeat=n))
+    rng = random.Random(seed)
+    return [tuple(rng.randrange(n) for _ in range(n)) for _ in range(limit)]
+
+
+def percentiles(values: Sequence[float]) -> dict[str, float]:
+    """The 10th and 90th percentile of `values`, each one of them (nearest rank: an infinite
+    value, an arm whose control never got there, stays infinite).
+
+    Example:
+        >>> percentiles([1.0, 2.0, 3.0, 0.0, math.inf])
+        {'p10': 0.0, 'p90': inf}
+    """
+    lo, hi = np.percentile(np.array(values, dtype=float), [10, 90], method="inverted_cdf")
+    return {"p10": float(lo), "p90": float(hi)}
 
 
 def versus(rows: Sequence[dict[str, Any]], arm: str, control: str) -> dict[str, Any]:

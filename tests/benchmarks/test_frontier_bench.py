@@ -65,6 +65,15 @@ def test_quick_frontier_on_mnist1d_in_one_process(tmp_path):
         ("half_uncertain", "half_uniform"), ("steps40", "steps40_uniform")]
     assert all(len(v["speedups"]) == 11 for v in saved["composition"])
     assert saved["plain_best_accuracy"] > 0.2  # ten classes: it learned something
+    # how the headline figures move with the seeds: every resample of 2 seeds, and the
+    # point figure is one of them (both seeds once)
+    spread = saved["seed_spread"]
+    assert spread["resamples"] == 4
+    for key in ("speedup_at_best", "min_speedup_within_1pt", "speedup_vs_uniform_at_best"):
+        lo, hi = spread[key]["p10"], spread[key]["p90"]  # None: uniform never got there
+        assert lo is None or hi is None or lo <= hi
+    from benchmarks.frontier import respread
+    assert respread(saved) == spread
     # interleaved: within a seed hardbatch runs come between plain ones, and each seed starts
     # at another config
     arms = [run["arm"] for run in saved["runs"]]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from benchmarks import frontier_stats as st
@@ -93,3 +95,58 @@ def test_budgets_are_passes_over_the_data_whatever_an_arm_plans_per_epoch():
     same = arm_jobs(dataclasses.replace(base, plan_fraction=0.5, beta=0.0, size_factor=0.0))
     assert not any(p["arm"] == "half" for p in schedule(same, Scale(100, 8, 10, (2,), (4,), 4),
                                                           [0], ["fp32"]))
+
+
+def test_seed_resamples_are_every_draw_with_replacement_or_a_seeded_sample():
+    assert len(st.seed_resamples(3)) == 27 and len(set(st.seed_resamples(3))) == 27
+    assert (0, 1, 2) in st.seed_resamples(3) and (2, 2, 2) in st.seed_resamples(3)
+    drawn = st.seed_resamples(6, limit=100)
+    assert len(drawn) == 100 and drawn == st.seed_resamples(6, limit=100)
+    assert all(len(d) == 6 and max(d) < 6 for d in drawn)
+
+
+def test_percentiles_are_nearest_rank_so_never_and_infinite_survive():
+    assert st.percentiles([float(x) for x in range(1, 11)]) == {"p10": 1.0, "p90": 9.0}
+    assert st.percentiles([0.0] * 2 + [2.0] * 7 + [math.inf]) == {"p10": 0.0, "p90": 2.0}
+    assert st.percentiles([1.0] + [math.inf] * 9)["p90"] == math.inf
+
+
+def _runs(times: dict[str, list[float]]) -> list[dict]:
+    """One run per (arm, seed): the arm reaches 0.99 at times[arm][seed]; plain's 1-budget
+    config is its only one."""
+    return [{"arm": arm, "config": f"{arm}/fp32/1ep", "seed": seed,
+             "evals": curve((t / 2, 0.9), (t, 0.99))}
+            for arm, ts in times.items() for seed, t in enumerate(ts)]
+
+
+def test_seed_spread_redoes_the_analysis_on_each_resample_of_the_seeds():
+    from benchmarks.frontier import seed_spread
+
+    # plain's median over a resample of [10, 20, 30] is 10 in 7 of 27, 30 in 7, else 20:
+    # hardbatch's 10 s everywhere gives 1x, 2x or 3x, and 1x and 3x at the 10th and 90th.
+    runs = _runs({"plain": [10.0, 20.0, 30.0], "hardbatch": [10.0, 10.0, 10.0],
+                  "uniform": [20.0, 20.0, 40.0]})
+    spread = seed_spread(runs, "accuracy", ["plain", "hardbatch", "uniform"], set())
+    assert spread["resamples"] == 27
+    assert spread["speedup_at_best"] == {"p10": 1.0, "p90": 3.0}
+    assert spread["speedup_vs_uniform_at_best"] == {"p10": 2.0, "p90": 4.0}
+    # an ablation that is the default shares its runs: 1x against itself on every resample
+    same = seed_spread(runs[:6], "accuracy", ["plain", "hardbatch", "uniform"], {"uniform"})
+    assert same["speedup_vs_uniform_at_best"] == {"p10": 1.0, "p90": 1.0}
+
+
+def test_seed_spread_counts_never_as_zero_and_a_control_that_never_gets_there_as_infinite():
+    from benchmarks.frontier import seed_spread
+
+    runs = _runs({"plain": [10.0, 10.0, 10.0], "hardbatch": [5.0, 5.0, 5.0],
+                  "uniform": [5.0, 5.0, 5.0]})
+    for r in runs:
+        if r["arm"] == "uniform" and r["seed"] > 0:
+            r["evals"] = curve((5.0, 0.9))  # two seeds of uniform never reach 0.99
+        if r["arm"] == "hardbatch" and r["seed"] == 0:
+            r["evals"] = curve((5.0, 0.9))  # hardbatch's seed 0 never does
+    spread = seed_spread(runs, "accuracy", ["plain", "hardbatch", "uniform"], set())
+    # resamples with two or three draws of seed 0 (7 of 27): hardbatch never, speedup 0
+    assert spread["speedup_at_best"] == {"p10": 0.0, "p90": 2.0}
+    assert spread["min_speedup_within_1pt"]["p10"] == 0.0
+    assert spread["speedup_vs_uniform_at_best"]["p90"] is None  # infinite: JSON has no inf
