@@ -343,10 +343,10 @@ def seed_spread(runs: list[dict[str, Any]], metric: str, names: list[str], share
     for picks in resamples:
         curves = _curves([r for i in picks for r in by_seed[seeds[i]]], names, shared)
         rows = _rows(names, curves, metric)[2]
-        figures["speedup_at_best"].append(rows[0]["speedup"] or 0.0)
-        figures["min_speedup_within_1pt"].append(st.min_speedup([r["speedup"] for r in rows])
-                                                 or 0.0)
-        if "uniform" in names:
+        headline = _headline(rows)
+        for key in ("speedup_at_best", "min_speedup_within_1pt"):
+            figures[key].append(headline[key] or 0.0)
+        if "uniform" in names:  # None there is either side never getting there: tell them apart
             hb, uniform = rows[0]["hardbatch_time_s"], rows[0]["uniform_time_s"]
             figures.setdefault("speedup_vs_uniform_at_best", []).append(
                 0.0 if hb is None else math.inf if uniform is None else uniform / hb)

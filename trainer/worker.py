@@ -364,10 +364,10 @@ class Worker:
         except ValueError as e:
             sel, keep, refused = None, torch.zeros(0, dtype=torch.long), e
         kept_weight = float(len(keep)) if w is None else float(w[keep].sum())
-        count, n_refused, *sums = self._reduce([kept_weight, float(refused is not None)
-                                                + 1000.0 * bad_full, *measured])
-        if n_refused >= 1000:
-            raise _nonfinite_full(self.step, n_refused // 1000)
+        count, n_refused, n_bad, *sums = self._reduce([kept_weight, float(refused is not None),
+                                                       float(bad_full), *measured])
+        if n_bad:
+            raise _nonfinite_full(self.step, n_bad)
         if n_refused:
             raise refused or ValueError(
                 f"the loss filter refused the batch on {int(n_refused)} other rank(s)")
