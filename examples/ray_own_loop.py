@@ -63,8 +63,8 @@ def train_loop(config: dict) -> None:
     loss_fn = nn.CrossEntropyLoss(reduction="none")  # hardbatch: per-sample losses
     hb = hardbatch.Worker(config["hardbatch"], train_set, batch_size=BATCH)  # hardbatch
     loader = ray.train.torch.prepare_data_loader(hb.loader)  # hardbatch: was a DataLoader
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=LR,
-                                                    total_steps=EPOCHS * len(loader))
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(  # hardbatch: a full epoch's steps
+        optimizer, max_lr=LR, total_steps=EPOCHS * hb.steps_per_epoch)
     for epoch in range(EPOCHS):
         loader.sampler.set_epoch(epoch)
         for ids, (x, y) in loader:  # hardbatch: was `for x, y in loader`
@@ -75,7 +75,7 @@ def train_loop(config: dict) -> None:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)
             optimizer.step()
-            scheduler.step()
+            hb.schedule_step(scheduler)  # hardbatch: was scheduler.step()
         metrics = {"epoch": epoch + 1, "accuracy": accuracy(model, val_set, device),
                    **hb.summary(),  # hardbatch: kept share, share of steps filtered
                    "service_rounds": hb.service_rounds}  # hardbatch

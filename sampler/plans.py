@@ -29,9 +29,14 @@ from two strata to several). For a hardness snapshot `h` (the current hardness o
 - adaptive size (`size_factor > 0`): a round trains on `size_factor` times the share of the
   scored samples that carry `size_mass` of their last losses (what the loss filter would keep of a
   batch, so ~4x leaves it room), at most all of them: the whole round while losses are spread
-  (early epochs, flat tasks), few once most samples are learned. The round keeps its shape
-  (an epoch's steps, the LR schedule); its other slots hold ids marked `SKIP` (weight -1) that
-  the worker neither loads nor scores, spread so every batch trains on the same count +- 1;
+  (early epochs, flat tasks), few once most samples are learned. Packed (`packed`, the
+  default), the round is that many *full* batches: a round that trains 40% of the data takes
+  40% of the steps (InfoBatch's way: the saving holds wherever a step costs about the same at
+  any batch size, a GPU's small models, a small MLP), every rank gets the same number of
+  batches and only each rank's last batch may be short (its tail slots `SKIP`). Unpacked, the
+  round keeps its shape (an epoch's steps) and its other slots hold ids marked `SKIP` (weight
+  -1) that the worker neither loads nor scores, spread so every batch trains on the same count
+  +- 1;
 - annealing: rounds in the last `anneal_frac` of `total_rounds` are uniform over all ids
   (weights 1, suspects still 0), as InfoBatch ends on the full data;
 - deterministic: the random stream is seeded from (seed, round, world size) only, so the same
@@ -97,6 +102,9 @@ class PlanConfig:
         size_mass: Share of the total last loss the adaptive size counts samples for (the
             loss filter's `min_loss_perc`).
         size_min: The adaptive size never goes below this share of the round.
+        packed: With an adaptive size, pack the samples a round trains into full batches (a
+            round of fewer steps; schedules follow the worker's progress, not its step
+            count) rather than keep every batch and shrink them.
         seed: Seeds the rounds' random streams (with the round and world size); None seeds
             them from the run's name. A `Driver` sets the workers' seed, so two runs of one
             seed get the same plans whatever they are called.
@@ -118,6 +126,7 @@ class PlanConfig:
     size_factor: float = 0.0
     size_mass: float = 0.9
     size_min: float = 0.05
+    packed: bool = True
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -433,11 +442,14 @@ class RoundPlan:
     Attributes:
         ids: int64 array of shape (world_size, batches, batch_size), ids disjoint.
         weights: float32 array of the same shape: importance weights (1 when beta == 0 or the
-            round is uniform), 0 for suspects, whom the worker must not train on.
+            round is uniform), 0 for suspects, whom the worker must not train on, `SKIP` for
+            slots not trained.
         round: Round number.
         world_size: Number of ranks.
         uniform: Whether this round was annealed to uniform sampling.
         version: Version tag of the snapshot it came from.
+        asked: Batches per rank the round was asked for (`batches` is fewer when packed); 0:
+            `batches`.
     """
 
     ids: np.ndarray
@@ -446,6 +458,11 @@ class RoundPlan:
     world_size: int
     uniform: bool = False
     version: int = 0
+    asked: int = 0
+
+    def __post_init__(self) -> None:
+        if self.asked == 0:
+            object.__setattr__(self, "asked", int(self.ids.shape[1]))
 
     @property
     def batches(self) -> int:
@@ -527,6 +544,9 @@ def compose_round(
     rng = round_rng(seed, round_, world_size)
     uniform = snapshot.config.is_uniform_round(round_)
     train = need if uniform else snapshot.trained(need, world_size * batches)
+    packed = snapshot.config.packed and train < need
+    if packed:  # every rank trains the same count, so every rank gets the same batches
+        train = min(need, world_size * math.ceil(train / world_size))
     if uniform:
         chosen = rng.choice(snapshot.n, size=need, replace=False, shuffle=False).astype(np.int64)
         weights = np.ones(need, dtype=np.float32)
@@ -534,7 +554,11 @@ def compose_round(
         chosen, weights = _choose(snapshot, rng, train)
     weights[snapshot.suspect[chosen]] = 0.0
     shape = (world_size, batches, batch_size)
-    if train < need:
+    if packed:
+        per_rank = train // world_size
+        shape = (world_size, math.ceil(per_rank / batch_size), batch_size)
+        ids, weights = _packed(chosen, weights, snapshot.n, shape, rng)
+    elif train < need:
         ids, weights = _with_skips(chosen, weights, snapshot.n, need, world_size * batches, rng)
     else:
         # Spread the unseen, the hardest and the suspects evenly over ranks and batches.
@@ -547,7 +571,30 @@ def compose_round(
         world_size=world_size,
         uniform=uniform,
         version=snapshot.version,
+        asked=batches,
     )
+
+
+def _packed(chosen: np.ndarray, weights: np.ndarray, n: int, shape: tuple[int, int, int],
+            rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The chosen ids (a multiple of the ranks) in full batches, rank by rank; the tail of
+    each rank's last batch is filled with ids not chosen, marked `SKIP`, so a round's ids stay
+    distinct and ranks disjoint. Every rank's last batch trains at least one id."""
+    world, batches, batch_size = shape
+    per_rank = len(chosen) // world
+    order = rng.permutation(len(chosen))
+    ids = np.empty((world, batches * batch_size), dtype=np.int64)
+    w = np.full((world, batches * batch_size), SKIP, dtype=np.float32)
+    ids[:, :per_rank] = chosen[order].reshape(world, per_rank)
+    w[:, :per_rank] = weights[order].reshape(world, per_rank)
+    pad = batches * batch_size - per_rank
+    if pad:
+        free = np.ones(n, dtype=bool)
+        free[chosen] = False
+        pool = np.flatnonzero(free)
+        fill = pool[rng.choice(len(pool), size=world * pad, replace=False, shuffle=False)]
+        ids[:, per_rank:] = fill.reshape(world, pad)
+    return ids.ravel(), w.ravel()
 
 
 def _with_skips(chosen: np.ndarray, weights: np.ndarray, n: int, need: int, slots: int,

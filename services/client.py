@@ -178,7 +178,10 @@ def _column(table: pa.Table, name: str) -> np.ndarray:
 def _plan_from_arrow(payload: bytes, batches: int, batch_size: int) -> Plan:
     table = pa.ipc.open_stream(payload).read_all()
     meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
-    shape = (batches, batch_size)
+    # A packed round has fewer batches than asked for: the service says how many.
+    shape = (int(meta.get("batches", batches)), batch_size)
+    if not 1 <= shape[0] <= batches:
+        raise ValueError(f"{shape[0]} batches answered for {batches} asked")
     ids = _column(table, "id").astype(np.int64).reshape(shape)
     names = table.column_names
     weights = _column(table, "weight").reshape(shape) if "weight" in names else None

@@ -557,7 +557,8 @@ def plan_config_to_strings(cfg: PlanConfig) -> dict[str, str]:
         "suspect_factor": repr(cfg.suspect_factor), "suspect_floor": repr(cfg.suspect_floor),
         "suspect_min_share": repr(cfg.suspect_min_share),
         "size_factor": repr(cfg.size_factor), "size_mass": repr(cfg.size_mass),
-        "size_min": repr(cfg.size_min), "seed": "" if cfg.seed is None else str(cfg.seed),
+        "size_min": repr(cfg.size_min), "packed": str(int(cfg.packed)),
+        "seed": "" if cfg.seed is None else str(cfg.seed),
     }
 
 
@@ -577,5 +578,6 @@ def plan_config_from_strings(d: dict[str, Any]) -> PlanConfig:
         size_factor=float(d.get("size_factor", default.size_factor)),
         size_mass=float(d.get("size_mass", default.size_mass)),
         size_min=float(d.get("size_min", default.size_min)),
+        packed=bool(int(d.get("packed", int(default.packed)))),
         seed=int(d["seed"]) if d.get("seed") else None,
     )

@@ -79,7 +79,7 @@ def pack_round(plan: RoundPlan, num_samples: int) -> bytes:
     header = json.dumps({
         "round": plan.round, "world_size": plan.world_size, "batches": plan.batches,
         "batch_size": plan.batch_size, "uniform": plan.uniform, "version": plan.version,
-        "id_dtype": id_dtype,
+        "id_dtype": id_dtype, "asked": plan.asked,
     }).encode()
     return b"".join([
         struct.pack("<I", len(header)), header,
@@ -99,7 +99,7 @@ def unpack_round(blob: bytes) -> RoundPlan:
     return RoundPlan(
         ids=ids.astype(np.int64).reshape(shape), weights=weights.reshape(shape),
         round=h["round"], world_size=h["world_size"], uniform=h["uniform"],
-        version=h["version"],
+        version=h["version"], asked=h.get("asked", 0),
     )
 
 
@@ -159,10 +159,10 @@ class RoundStore:
                     plan, composed = self._load_or_compose(run, key, batches, batch_size,
                                                            after_losses)
                     self._remember(key, plan)
-        if (plan.batches, plan.batch_size) != (batches, batch_size):
+        if (plan.asked, plan.batch_size) != (batches, batch_size):
             raise RoundConflictError(
                 f"round {round_} of run {run.run!r} for world size {world_size} was composed "
-                f"with {plan.batches} batches x {plan.batch_size}; this request asks for "
+                f"for {plan.asked} batches x {plan.batch_size}; this request asks for "
                 f"{batches} x {batch_size} (all ranks of a round must ask for the same shape)"
             )
         if rank is not None:

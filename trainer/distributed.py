@@ -57,6 +57,11 @@ class JobConfig(TrainConfig):
                 "losses (all of them while losses are spread: early epochs, flat tasks), "
                 "hard-biased; the rest are not even loaded. 0: plans over all the data, the "
                 "service only orders them."})
+    packed: bool = field(default=True, metadata={
+        "help": "With an adaptive size, train each epoch's chosen samples as fewer, full "
+                "batches (the LR schedule follows progress, so it still decays fully); off: "
+                "keep every step and shrink the batches (pays only where a step's cost "
+                "shrinks with its batch)."})
     alpha: float = field(default=1.0, metadata={
         "help": "Plan priority exponent on hardness, in [0, 16] (0: uniform)."})
     priority: str = field(default="loss", metadata={
@@ -106,7 +111,8 @@ class JobConfig(TrainConfig):
         """How the service's plans lean toward hard samples."""
         plan = PlanConfig(alpha=self.alpha, lam=self.lam, beta=self.beta, priority=self.priority,
                           anneal_frac=self.anneal_frac, total_rounds=self.epochs,
-                          size_factor=self.size_factor, size_mass=self.min_loss_perc)
+                          size_factor=self.size_factor, size_mass=self.min_loss_perc,
+                          packed=self.packed)
         return plan if self.guard else dataclasses.replace(plan, suspect_factor=0.0)
 
     def worker_config(self, **overrides: Any) -> WorkerConfig:

@@ -106,8 +106,9 @@ class Round(list[torch.Tensor]):
     """A round's batches of ids (and their importance weights, when the plan has them).
 
     Iterating yields each batch with the slots the plan does not train (weight `SKIP`, an
-    adaptive plan size) as id -1, which `IdDataset` drops unloaded: a batch keeps its place in
-    the epoch (the step count, the LR schedule) and shrinks to what the plan trains.
+    adaptive plan size) as id -1, which `IdDataset` drops unloaded: a packed round's last
+    batch is short; an unpacked one keeps an epoch's batches and each shrinks to what the plan
+    trains.
     """
 
     def __init__(self, batches: list[torch.Tensor],
@@ -121,6 +122,14 @@ class Round(list[torch.Tensor]):
                                                                 for w in self.weights)
                        else [w < 0 for w in self.weights])
         self._index: torch.Tensor | None = None  # weight by id, NaN where not planned
+
+    def truncated(self, batches: int) -> Round:
+        """The first `batches` batches (the ranks of a round must train as many: a rank on
+        its local fallback gets full rounds where the service's are packed)."""
+        if batches >= len(self):
+            return self
+        head = list(super().__iter__())[:batches]
+        return Round(head, None if self.weights is None else self.weights[:batches])
 
     def weights_of(self, ids: torch.Tensor) -> torch.Tensor | None:
         """The importance weights of `ids` (ids this round trains), or None if it has none."""

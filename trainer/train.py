@@ -325,8 +325,9 @@ def _train(config: TrainConfig, task: Task, model: torch.nn.Module, hb: Worker, 
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             train_step(hb, task, model, optimizer, ids, x, y, config.grad_clip, train_dtype,
                        scaler)
-            if hb.step < total_steps:  # a plan longer than promised must not crash OneCycle
-                scheduler.step()
+            # The schedule follows progress, not steps: a packed round's fewer steps still
+            # decay the LR fully.
+            hb.schedule_step(scheduler)
             if i in eval_at:
                 result.train_time_s += time.perf_counter() - tick
                 val_loss, val_acc = evaluate(task, model, device, hb)

@@ -164,20 +164,29 @@ def local_plan(num_samples: int, batch_size: int, seed: int, epoch: int) -> list
 class PlanSampler(DistributedSampler):
     """The sample ids of this rank's round, in plan order: a `DistributedSampler`, so Ray's
     `prepare_data_loader` keeps it (it replaces any other sampler), and `set_epoch` picks the
-    round as with any distributed sampler."""
+    round as with any distributed sampler. The round is fetched once per epoch, by `len()` or
+    by iteration, whichever comes first: a packed round's length is known only then."""
 
-    def __init__(self, dataset: Dataset, rounds: Callable[[int], Round], ids_per_epoch: int,
+    def __init__(self, dataset: Dataset, rounds: Callable[[int], Round], batch_size: int,
                  rank: int, world_size: int) -> None:
         super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=False)
-        self._rounds, self._len = rounds, ids_per_epoch
+        self._rounds, self._batch_size = rounds, batch_size
         self.current: Round | None = None
+        self.round_epoch = -1  # the epoch of `current`
+
+    def round(self) -> Round:
+        """This epoch's round (fetched on the first call of the epoch)."""
+        if self.current is None or self.round_epoch != self.epoch:
+            self.current, self.round_epoch = self._rounds(self.epoch), self.epoch
+        return self.current
 
     def __len__(self) -> int:
-        return self._len
+        rnd = self.round()
+        # Every batch but a local plan's last is full: count its ids, not its slots.
+        return (len(rnd) - 1) * self._batch_size + len(rnd[-1]) if len(rnd) else 0
 
     def __iter__(self) -> Iterator[int]:
-        self.current = self._rounds(self.epoch)
-        for batch in self.current:
+        for batch in self.round():
             yield from batch.tolist()
 
 
@@ -247,12 +256,12 @@ class Worker:
             steps = math.ceil(self.num_samples / batch_size)
             rounds: Callable[[int], Round] = lambda e: Round(  # noqa: E731
                 local_plan(self.num_samples, batch_size, cfg.seed, e))
-            ids_per_epoch = self.num_samples
         else:
             steps = self._plans.steps(self.num_samples)
-            rounds, ids_per_epoch = self._service_round, steps * batch_size
+            rounds = self._service_round
         self.steps_per_epoch = steps
-        self.sampler = PlanSampler(dataset, rounds, ids_per_epoch, self.rank, self.world_size)
+        self._done, self._done_in = 0, None  # steps trained in the round `_done_in`
+        self.sampler = PlanSampler(dataset, rounds, batch_size, self.rank, self.world_size)
         collate = IdCollate(loader_kwargs.pop("collate_fn", None))
         self.loader = DataLoader(IdDataset(dataset), batch_size=batch_size, sampler=self.sampler,
                                  collate_fn=collate, **loader_kwargs)
@@ -282,7 +291,43 @@ class Worker:
         # them now rather than after the reporter's linger.
         if self._send_now is not None:
             self._send_now()
-        return self._plans(epoch, self.num_samples)
+        rnd = self._plans(epoch, self.num_samples)
+        if self.world_size > 1:
+            # Every rank must train as many batches: one on its local fallback has a full
+            # round where the service's is packed (one collective per round).
+            rnd = rnd.truncated(int(self._reduce([float(len(rnd))], min_=True)[0]))
+        return rnd
+
+    @property
+    def progress_steps(self) -> float:
+        """Where training is in full-epoch steps: `epoch * steps_per_epoch` plus the share of
+        this round trained, times `steps_per_epoch`. It counts one per step when every round is
+        a full epoch's, and faster when a packed round trains fewer, full batches: step an LR
+        schedule built for `epochs * steps_per_epoch` steps to it (`schedule_step`) and it
+        decays fully whatever the rounds hold."""
+        rnd, epoch = self.sampler.current, self.sampler.round_epoch
+        if rnd is None:
+            return self.steps_per_epoch * self.epoch
+        done = self._done if self._done_in is rnd else 0
+        return self.steps_per_epoch * (epoch + min(done / max(len(rnd), 1), 1.0))
+
+    def progress(self, epochs: int) -> float:
+        """Share of a run of `epochs` epochs trained so far, in [0, 1]: for a schedule of your
+        own as a function of progress (`lr = peak * f(hb.progress(EPOCHS))`)."""
+        return min(1.0, self.progress_steps / max(epochs * self.steps_per_epoch, 1))
+
+    def schedule_step(self, scheduler: Any) -> None:
+        """Steps `scheduler` (one built for `epochs * steps_per_epoch` steps, e.g.
+        `OneCycleLR(total_steps=EPOCHS * hb.steps_per_epoch)`) up to `progress_steps`: call it
+        where the loop called `scheduler.step()`. Once per step while every round is full;
+        more where rounds are packed, so the schedule ends where it would have. A `OneCycleLR`
+        stops at its last step rather than raise."""
+        target = math.floor(self.progress_steps + 1e-9)
+        total = getattr(scheduler, "total_steps", None)
+        if total is not None:
+            target = min(target, int(total) - 1)
+        while scheduler.last_epoch < target:
+            scheduler.step()
 
     @property
     def epoch(self) -> int:
@@ -290,7 +335,9 @@ class Worker:
 
     def batches(self, epoch: int) -> DataLoader:
         """This rank's batches of round `epoch`, as `(ids, batch)`: `hb.loader` after
-        `set_epoch(epoch)`. Every rank gets `steps_per_epoch` batches.
+        `set_epoch(epoch)`. Every rank gets the same number: `steps_per_epoch`, or fewer,
+        full ones in a packed round (`len(hb.loader)` says; step schedules with
+        `schedule_step`).
 
         To use Ray's `prepare_data_loader` (device transfer), pass it `hb.loader` and call
         `loader.sampler.set_epoch(epoch)` each epoch: its sampler is a `DistributedSampler`,
@@ -414,8 +461,9 @@ class Worker:
         last, last_round = self._round_pos
         pos = last + 1 if last_round == self.epoch else 0
         self._round_pos = (pos, self.epoch)
-        stretch = gate.windows * pos // max(self.steps_per_epoch, 1)
-        if pos and stretch == gate.windows * (pos - 1) // max(self.steps_per_epoch, 1):
+        length = max(len(self.sampler.round()), 1)
+        stretch = gate.windows * pos // length
+        if pos and stretch == gate.windows * (pos - 1) // length:
             return
         kept, scored = self._reduce(self._gate_counts.tolist())
         if scored > 0:
@@ -467,6 +515,9 @@ class Worker:
         w = self._weights(ids_kept)
         total = (losses * w.to(losses.device)).sum() if w is not None else losses.sum()
         self.step += 1
+        if self._done_in is not self.sampler.current:
+            self._done, self._done_in = 0, self.sampler.current
+        self._done += 1
         scored = sel.scored if sel.scored is not None else losses.detach().float().cpu()
         kept = torch.ones(len(scored), dtype=torch.bool)
         if sel.keep is not None:
@@ -515,7 +566,7 @@ class Worker:
             self._costs.interrupt()
         return self._reduce(values)
 
-    def _reduce(self, values: list[float]) -> list[float]:
+    def _reduce(self, values: list[float], min_: bool = False) -> list[float]:
         if self.world_size == 1:
             return values
         dist = torch.distributed
@@ -523,7 +574,7 @@ class Worker:
         on = (torch.device("cuda", torch.cuda.current_device())
               if dist.get_backend() == "nccl" else torch.device("cpu"))
         t = torch.tensor(values, dtype=torch.float64, device=on)
-        dist.all_reduce(t)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN if min_ else dist.ReduceOp.SUM)
         return t.tolist()
 
     def summary(self) -> dict[str, float]:

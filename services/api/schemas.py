@@ -96,6 +96,10 @@ class PlanConfigModel(BaseModel):
                              description="Share of the last losses the adaptive size counts for.")
     size_min: float = Field(default=_PLAN.size_min, gt=0.0, le=1.0,
                             description="Least share of a round the adaptive size trains on.")
+    packed: bool = Field(
+        default=_PLAN.packed,
+        description="With an adaptive size, a round is full batches of the samples it trains "
+                    "(fewer batches than asked for); false: the asked batches, shrunk.")
     seed: int | None = Field(
         default=None, ge=0, lt=2**63,
         description="Seeds the rounds' random streams; null: from the run's name.")
@@ -112,7 +116,7 @@ class PlanConfigModel(BaseModel):
                    suspect_scorings=cfg.suspect_scorings, suspect_factor=cfg.suspect_factor,
                    suspect_floor=cfg.suspect_floor, suspect_min_share=cfg.suspect_min_share,
                    size_factor=cfg.size_factor, size_mass=cfg.size_mass, size_min=cfg.size_min,
-                   seed=cfg.seed)
+                   packed=cfg.packed, seed=cfg.seed)
 
 
 class RunDetail(BaseModel):
@@ -222,7 +226,9 @@ class PlanRequest(BaseModel):
     rank: JsonInt = Field(ge=0, description="This worker's rank, in [0, world_size).")
     world_size: JsonInt = Field(ge=1, description="Ranks sharing the round.")
     round: JsonInt = Field(ge=0, le=MAX_ROUND, description="Round number; one round per call set.")
-    batches: JsonInt = Field(ge=1, description="Batches per rank (the same for every rank).")
+    batches: JsonInt = Field(ge=1, description=(
+        "Batches per rank of a full round (the same for every rank); a packed round "
+        "(plan_config.packed with an adaptive size) answers with fewer, full ones."))
     batch_size: JsonInt = Field(ge=1, description="Sample ids per batch.")
     with_weights: bool = Field(default=False, description="Include importance weights per id.")
     with_losses: bool = Field(default=False, description="Include the last known loss per id.")
@@ -240,7 +246,8 @@ class Plan(BaseModel):
     round: int
     rank: int
     world_size: int
-    batches: int
+    batches: int = Field(description="Batches this rank trains this round (the same on every "
+                                     "rank; fewer than asked for when the round is packed).")
     batch_size: int
     uniform: bool = Field(description="Whether the round was annealed to uniform sampling.")
     ids: list[list[int]]

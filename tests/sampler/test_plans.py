@@ -3,6 +3,8 @@ unbiased weights, suspects, annealing."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from hardbatch.sampler.plans import (
@@ -321,7 +323,7 @@ def _adaptive(seed=0, n=20_000, **cfg):
 
 
 def test_adaptive_size_trains_a_multiple_of_the_concentrated_share_spread_over_batches():
-    h, snap = _adaptive()
+    h, snap = _adaptive(packed=False)
     desc = np.sort(h)[::-1]
     share = (np.searchsorted(np.cumsum(desc), 0.9 * h.sum()) + 1) / len(h)
     assert snap.concentration == pytest.approx(share, abs=0.005) and share < 0.1
@@ -339,6 +341,48 @@ def test_adaptive_size_trains_a_multiple_of_the_concentrated_share_spread_over_b
     assert hard[plan.ids[trained]].sum() > 0.9 * hard.sum()
     again = compose_round(snap, seed=3, round_=2, world_size=2, batches=10, batch_size=1000)
     assert np.array_equal(again.ids, plan.ids) and np.array_equal(again.weights, plan.weights)
+
+
+def test_packed_round_trains_the_chosen_share_in_fewer_full_batches():
+    h, snap = _adaptive()
+    plan = compose_round(snap, seed=3, round_=2, world_size=2, batches=10, batch_size=1000)
+    per_rank = math.ceil(snap.trained(20_000, 20) / 2)
+    assert plan.asked == 10 and plan.batches == math.ceil(per_rank / 1000) < 10
+    flat = plan.ids.ravel()
+    assert len(np.unique(flat)) == flat.size  # distinct, every rank disjoint
+    trained = plan.weights >= 0
+    per_batch = trained.sum(axis=2)
+    # Every rank trains as many; all batches full but the last, which is never empty.
+    assert (trained.sum(axis=(1, 2)) == per_rank).all()
+    assert (per_batch[:, :-1] == 1000).all() and (per_batch[:, -1] >= 1).all()
+    assert np.all(plan.weights[~trained] == SKIP)
+    hard = h > 0.5
+    assert hard[plan.ids[trained]].sum() > 0.9 * hard.sum()  # still hard-biased
+    again = compose_round(snap, seed=3, round_=2, world_size=2, batches=10, batch_size=1000)
+    assert np.array_equal(again.ids, plan.ids) and np.array_equal(again.weights, plan.weights)
+
+
+@pytest.mark.parametrize("world,batch_size", [(1, 7), (3, 10), (4, 33), (5, 1)])
+def test_packed_round_last_batch_is_never_empty(world, batch_size):
+    rng = np.random.default_rng(world)
+    for trial in range(20):
+        n = int(rng.integers(world * batch_size * 2, 3000))
+        h = np.where(rng.random(n) < rng.uniform(0.01, 0.3), 2.0, 1e-3)
+        snap = _snapshot(h, size_factor=float(rng.uniform(0.5, 4.0)), size_min=0.01)
+        batches = n // (world * batch_size)
+        plan = compose_round(snap, seed=trial, round_=1, world_size=world, batches=batches,
+                             batch_size=batch_size)
+        trained = (plan.weights >= 0).sum(axis=2)
+        assert plan.batches <= batches and (trained[:, -1] >= 1).all()
+        assert (trained[:, :-1] == batch_size).all()
+        assert len(np.unique(plan.ids)) == plan.ids.size
+
+
+def test_a_full_packed_round_is_the_asked_shape():
+    rng = np.random.default_rng(1)
+    spread = _snapshot(rng.uniform(1.0, 2.0, 5000), size_factor=4.0)
+    plan = compose_round(spread, seed=0, round_=1, world_size=2, batches=4, batch_size=500)
+    assert plan.ids.shape == (2, 4, 500) and plan.asked == 4 and (plan.weights >= 0).all()
 
 
 def test_adaptive_size_is_the_whole_round_while_losses_are_spread_or_unseen():

@@ -187,10 +187,15 @@ def test_adaptive_plans_mark_the_slots_not_to_train(service, store, fill):
     service.wait_ready(runs=("adaptive",))
     with service.client() as c:
         r = c.put("/v1/runs/adaptive/plan-config",
-                  json={"alpha": 1.0, "beta": 0.0, "size_factor": 0.5})
+                  json={"alpha": 1.0, "beta": 0.0, "size_factor": 0.5, "packed": False})
         assert r.status_code == 200, r.text
         p = _plan(c, "adaptive", round=4, batches=2, batch_size=100, with_weights=True).json()
         share = c.get("/v1/runs/adaptive").json()["plan_share"]
+        r = c.put("/v1/runs/adaptive/plan-config",
+                  json={"alpha": 1.0, "beta": 0.0, "size_factor": 0.5, "packed": True})
+        assert r.status_code == 200, r.text
+        packed = _plan(c, "adaptive", round=5, batches=2, batch_size=100, with_weights=True)
+        again = _plan(c, "adaptive", round=5, batches=3, batch_size=100, with_weights=True)
     ids, w = np.array(p["ids"]), np.array(p["weights"])
     assert 0.05 <= share <= 0.5
     trained = w >= 0
@@ -198,3 +203,10 @@ def test_adaptive_plans_mark_the_slots_not_to_train(service, store, fill):
     assert 2 <= trained.sum() <= 100 and np.all(w[~trained] == -1.0)
     assert abs(int(trained[0].sum()) - int(trained[1].sum())) <= 1
     assert len(np.unique(ids)) == ids.size
+    # Packed: as many trained ids in one batch of the two asked for (the batch is short, not
+    # the round long), and the round keeps the shape it was asked for (another is a conflict).
+    assert packed.status_code == 200, packed.text
+    pj = packed.json()
+    assert pj["batches"] == len(pj["ids"]) == 1
+    assert (np.array(pj["weights"]) >= 0).sum() == trained.sum()
+    assert again.status_code == 409 and "for 2 batches" in again.json()["detail"]

@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 import httpx
+import numpy as np
 import psutil
 import pytest
 from hardbatch.trainer.driver import local_service
@@ -64,8 +65,8 @@ def test_plans_over_part_of_the_data_drop_batches_or_keep_steps(redis_url, keep_
     assert records == 2 * 800
 
 
-def test_an_adaptive_plan_size_keeps_the_steps_and_scores_only_what_the_plan_trains(
-        redis_url):
+@pytest.mark.parametrize("packed", [True, False])
+def test_an_adaptive_plan_size_trains_only_what_the_plan_chose(redis_url, packed):
     from hardbatch.trainer.distributed import JobConfig
     from hardbatch.trainer.driver import Driver
     from hardbatch.trainer.train import Runtime, fit
@@ -74,18 +75,28 @@ def test_an_adaptive_plan_size_keeps_the_steps_and_scores_only_what_the_plan_tra
     # the losses; round 0 (nothing scored yet) trains everything.
     job = JobConfig(num_samples=2000, width=8, batch_size=100, epochs=4, size_factor=0.5,
                     beta=0.0, anneal_frac=0.0, workers=1, threads=1, progress=False,
-                    redis=redis_url)
-    with Driver(2000, job.epochs, run="adaptive", redis=redis_url, ray_address=None,
+                    redis=redis_url, packed=packed)
+    with Driver(2000, job.epochs, run=f"adaptive-{packed}", redis=redis_url, ray_address=None,
                 plan=job.plan_config(), worker=job.worker_config()) as driver:
         assert driver.worker_config["importance_weights"]  # the skip marks travel as weights
         # No waiting between epochs: each round is composed from all of the last one's losses.
         result = fit(job.train_config(), runtime=Runtime(hardbatch=driver.worker_config))
         driver.top(1)
         records = driver.info()["records"]
-    assert [e["step"] for e in result.evals] == [20, 40, 60, 80]  # every epoch's steps
+    steps = [e["step"] for e in result.evals]
     scored = [e["scored_perc"] for e in result.epochs]
-    assert scored[0] == 1.0 and all(0.05 <= s < 0.5 for s in scored[1:]), scored
-    assert records == round(2000 * sum(scored))  # what was scored, nothing skipped
+    assert steps[0] == 20 and scored[0] == 1.0  # round 0: nothing scored yet, all of it
+    if packed:  # fewer steps, each a full batch but the round's last
+        per_epoch = np.diff(steps)
+        assert all(2 <= s <= 10 for s in per_epoch), steps
+        assert all(s > 0.5 for s in scored[1:]), scored
+        trained = 2000 + sum(round(s * 100 * n) for s, n in zip(scored[1:], per_epoch,
+                                                                strict=True))
+    else:  # every epoch's steps, each scoring only what the plan trains
+        assert steps == [20, 40, 60, 80]
+        assert all(0.05 <= s < 0.5 for s in scored[1:]), scored
+        trained = round(2000 * sum(scored))
+    assert records == trained  # what was scored, nothing skipped
 
 
 def test_runs_of_one_seed_on_the_service_plans_are_the_same_run(redis_url):

@@ -343,3 +343,50 @@ def test_skipped_slots_are_never_loaded_scored_or_reported_and_the_steps_stay():
         assert hb.summary()["scored_perc"] == pytest.approx(4 / 12)
     assert seen == [[0], [5, 6], [11]]
     assert [c[0].tolist() for c in rec.calls] == seen  # only what was scored is reported
+
+
+@pytest.mark.filterwarnings(r"ignore:Detected call of `lr_scheduler.step\(\)`")
+def test_a_packed_round_trains_fewer_full_batches_and_the_schedule_still_decays_fully():
+    from hardbatch.trainer.plan_source import Round
+
+    n, bs, epochs = 40, 4, 3
+    ds = TensorDataset(torch.arange(n, dtype=torch.float32)[:, None], torch.zeros(n))
+    model = torch.nn.Linear(1, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    cfg = WorkerConfig(importance_weights=True, filter=False)
+    with Worker(cfg, ds, batch_size=bs) as hb:
+        full = hb.steps_per_epoch
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=epochs * full)
+        plain = torch.optim.lr_scheduler.OneCycleLR(
+            torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=0.1), max_lr=0.1,
+            total_steps=epochs * full)
+        # Round 0 full (10 batches), then packed: 3 batches, the last one short (2 of 4).
+        packed = ([torch.arange(i, i + 4) for i in range(0, 12, 4)],
+                  [torch.ones(4), torch.ones(4), torch.tensor([1.0, 1.0, -1.0, -1.0])])
+        hb.sampler._rounds = lambda e: (Round(list(torch.arange(n).reshape(10, bs))) if e == 0
+                                        else Round(*packed))
+        lengths, progress = [], []
+        for epoch in range(epochs):
+            batches = hb.batches(epoch)
+            lengths.append(len(batches))
+            sizes = []
+            for ids, (x, _) in batches:
+                sizes.append(len(ids))
+                keep = hb.select(ids, x[:, 0])
+                hb.loss(model(x[keep])[:, 0]).backward()
+                opt.step()
+                hb.schedule_step(sched)
+                if epoch == 0:
+                    plain.step()
+                    assert sched.last_epoch == plain.last_epoch  # full rounds: one per step
+                progress.append(hb.progress(epochs))
+            if epoch:
+                assert sizes == [4, 4, 2]
+        assert lengths == [10, 3, 3] and hb.step == 16
+        # Three packed steps cover a whole epoch of the schedule: it ends where plain's does.
+        assert progress[-1] == pytest.approx(1.0)
+        assert progress == sorted(progress)
+        assert sched.last_epoch == epochs * full - 1
+        while plain.last_epoch < epochs * full - 1:
+            plain.step()
+        assert sched.get_last_lr() == pytest.approx(plain.get_last_lr())

@@ -42,7 +42,7 @@ def _arrow(run: str, body: PlanRequest, uniform: bool, ids: np.ndarray,
            weights: np.ndarray | None, losses: np.ndarray | None,
            unseen: np.ndarray | None) -> bytes:
     cols = {
-        "batch": pa.array(np.repeat(np.arange(body.batches, dtype=np.int32), body.batch_size)),
+        "batch": pa.array(np.repeat(np.arange(len(ids), dtype=np.int32), body.batch_size)),
         "id": pa.array(ids.ravel()),
     }
     if weights is not None:
@@ -50,7 +50,7 @@ def _arrow(run: str, body: PlanRequest, uniform: bool, ids: np.ndarray,
     if losses is not None:
         cols["loss"] = pa.array(losses.ravel(), mask=None if unseen is None else unseen.ravel())
     meta = {"run": run, "round": str(body.round), "rank": str(body.rank),
-            "world_size": str(body.world_size), "batches": str(body.batches),
+            "world_size": str(body.world_size), "batches": str(len(ids)),
             "batch_size": str(body.batch_size), "uniform": str(uniform).lower()}
     table = pa.table(cols).replace_schema_metadata(meta)
     sink = pa.BufferOutputStream()
@@ -112,7 +112,7 @@ def compose_plan(
     else:
         out = {
             "run": run, "round": body.round, "rank": body.rank, "world_size": body.world_size,
-            "batches": body.batches, "batch_size": body.batch_size, "uniform": plan.uniform,
+            "batches": plan.batches, "batch_size": body.batch_size, "uniform": plan.uniform,
             "ids": ids.tolist(), "weights": weights.tolist() if body.with_weights else None,
             "losses": None,
         }
