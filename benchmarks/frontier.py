@@ -20,7 +20,10 @@ what keeping suspected label errors out of training buys), `steps40` plans over 
 data that keep an epoch's steps (`keep_steps=True`: each step scores 40% of a batch, the
 samples the service picks, hard-biased, no weights) and `steps40_uniform` the same with
 uniform plans (its same-size control), `fixed_size` the default before plan sizes adapted
-(`size_factor=0`: plans over all the data, which the service only orders, with weights);
+(`size_factor=0`: plans over all the data, which the service only orders, with weights),
+`unpacked` the default before plans were packed (`packed=False`: every epoch keeps its steps
+and each batch shrinks to what the plan trains), `no_filter` packed plans without the in-batch
+loss filter (`filter=False`: what the filter adds on top of the plans);
 steps40 arms train as many epochs as plain (the same steps), the other plan-fraction arms
 `passes / plan_fraction` epochs.
 An ablation identical to the default is not trained again: it shares the default's runs, and
@@ -71,6 +74,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "steps40_uniform": {**FIXED, "plan_fraction": 0.4, "keep_steps": True, "beta": 0.0,
                         "alpha": 0.0},
     "fixed_size": {**FIXED, "beta": 1.0},
+    "unpacked": {"packed": False},
+    "no_filter": {"filter": False},
 }
 ARMS = ("plain", "hardbatch", *ABLATIONS)
 # Each arm with a composition against its same-size uniform control.
@@ -96,6 +101,9 @@ class Scale:
     plain_budgets: tuple[int, ...]
     hardbatch_budgets: tuple[int, ...]
     evals_per_run: int  # about this many validation passes per run, whatever its budget
+    # Learning rates, as factors of the default, that plain and hardbatch both train at:
+    # each side is scored at its best config per target.
+    lr_factors: tuple[float, ...] = (0.5, 1.0, 2.0)
 
 
 # Built-in tasks at sizes that finish 3 seeds in about half an hour on the 2-core development
@@ -104,12 +112,17 @@ class Scale:
 # JobConfig's sizes.
 # hardbatch gets plain's budgets: with 4 passes its shortest, plain's 2-pass schedule alone
 # decided the loosest targets (on the sequence task, 0.79x there at 10cd115).
+# Budgets run to 24 passes so that plain's best accuracy is a plateau, not the grid's edge.
+BUDGETS = (2, 4, 7, 12, 24)
 FULL = {
-    "mnist1d": Scale(50_000, 32, 256, (2, 4, 7, 12), (2, 4, 7, 12), 12),
-    "tabular": Scale(50_000, 128, 256, (2, 4, 7, 12), (2, 4, 7, 12), 12),
-    "sequence": Scale(20_000, 32, 256, (2, 4, 7, 12), (2, 4, 7, 12), 12),
+    "mnist1d": Scale(50_000, 32, 256, BUDGETS, BUDGETS, 12),
+    "tabular": Scale(50_000, 128, 256, BUDGETS, BUDGETS, 12),
+    "sequence": Scale(20_000, 32, 256, BUDGETS, BUDGETS, 12),
+    # Held out of all tuning (docs/tuned-constants.md); a pass costs ~17 s at width 32 here,
+    # so its grid is smaller.
+    "images": Scale(50_000, 32, 256, (2, 4, 8), (2, 4, 8), 12),
 }
-QUICK = Scale(2_000, 16, 128, (1, 2, 4), (2, 4), 4)
+QUICK = Scale(2_000, 16, 128, (1, 2, 4), (2, 4), 4, (1.0, 2.0))
 QUICK_SEEDS, FULL_SEEDS = 2, 3
 
 
@@ -119,7 +132,7 @@ def default_scale(quick: bool, task: str) -> Scale:
     if task in FULL:
         return FULL[task]
     d = JobConfig()
-    budgets = (2, 4, 7, d.epochs)
+    budgets = tuple(sorted({2, 4, 7, d.epochs, 2 * d.epochs}))
     return Scale(d.num_samples, d.width, d.batch_size, budgets, budgets, 12)
 
 
@@ -144,24 +157,39 @@ def arm_jobs(base: JobConfig) -> dict[str, JobConfig]:
 
 
 def schedule(arms: dict[str, JobConfig], scale: Scale, seeds: list[int],
-             precisions: list[str]) -> list[dict[str, Any]]:
+             precisions: list[str], workers: int = 1) -> list[dict[str, Any]]:
     """Every (config, seed) to train: seed-major; within a seed all configs, arms interleaved
-    budget by budget, starting one place later for each seed."""
+    budget by budget and learning rate by learning rate, starting one place later for each
+    seed. With several workers plain DDP also trains at one process's global batch (each
+    worker `batch_size / workers`: the same steps as one process), besides `batch_size` per
+    worker (half the steps), as a user could pick either."""
     configs: list[dict[str, Any]] = []
     plain = [("plain", p) for p in precisions]
+    plain_batches = [None] + ([max(1, scale.batch_size // workers)] if workers > 1 else [])
+    # Ablations isolate one component at the default learning rate (where it is in the grid):
+    # the grid is for the two sides of the headline comparison, plain and hardbatch.
+    ablation_factors = [1.0] if 1.0 in scale.lr_factors else list(scale.lr_factors)
     for passes in sorted(set(scale.plain_budgets) | set(scale.hardbatch_budgets)):
-        for arm, precision in (plain[0], ("hardbatch", None), *plain[1:],
-                               *((a, None) for a in ABLATIONS if a in arms)):
-            budgets = scale.plain_budgets if arm == "plain" else scale.hardbatch_budgets
-            if passes not in budgets or (arm != "hardbatch" and arm != "plain"
-                                         and arms[arm] == arms["hardbatch"]):
-                continue
-            precision = precision or arms[arm].precision
-            # keep_steps arms train an epoch's full steps on smaller batches: same step budget.
-            epochs = (passes if arm == "plain" or arms[arm].keep_steps
-                      else epochs_for(passes, arms[arm].plan_fraction))
-            configs.append({"config": f"{arm}/{precision}/{epochs}ep", "arm": arm,
-                            "precision": precision, "epochs": epochs, "passes": passes})
+        for factor in scale.lr_factors:
+            for arm, precision in (plain[0], ("hardbatch", None), *plain[1:],
+                                   *((a, None) for a in ABLATIONS if a in arms)):
+                budgets = scale.plain_budgets if arm == "plain" else scale.hardbatch_budgets
+                if passes not in budgets or (arm != "hardbatch" and arm != "plain"
+                                             and arms[arm] == arms["hardbatch"]):
+                    continue
+                if arm not in ("plain", "hardbatch") and factor not in ablation_factors:
+                    continue
+                precision = precision or arms[arm].precision
+                # keep_steps arms train an epoch's full steps on smaller batches: same steps.
+                epochs = (passes if arm == "plain" or arms[arm].keep_steps
+                          else epochs_for(passes, arms[arm].plan_fraction))
+                lr = arms[arm].lr * factor
+                for batch in plain_batches if arm == "plain" else [None]:
+                    name = f"{arm}/{precision}/{epochs}ep/lr{lr:g}" + (
+                        f"/b{batch}" if batch else "")
+                    configs.append({"config": name, "arm": arm, "precision": precision,
+                                    "epochs": epochs, "passes": passes, "lr": lr,
+                                    **({"batch_size": batch} if batch else {})})
     plan = []
     for i, seed in enumerate(seeds):
         k = i % len(configs)
@@ -180,9 +208,22 @@ def epochs_for(passes: int, plan_fraction: float) -> int:
 
 
 def job_for(arms: dict[str, JobConfig], item: dict[str, Any], scale: Scale) -> JobConfig:
+    job = arms[item["arm"]]
     return dataclasses.replace(
-        arms[item["arm"]], epochs=item["epochs"], seed=item["seed"], precision=item["precision"],
+        job, epochs=item["epochs"], seed=item["seed"], precision=item["precision"],
+        lr=item.get("lr", job.lr), batch_size=item.get("batch_size", job.batch_size),
         evals_per_epoch=max(1, round(scale.evals_per_run / item["epochs"])))
+
+
+def run_record(trained: Any, job: JobConfig) -> dict[str, Any]:
+    """What a run trained: its learning rate and batch, steps per epoch, samples trained (the
+    examples its steps trained on, over all ranks) and its fitted step-cost curve (`time(n)
+    = a + b n`, n samples in a training step; from the worker's first round)."""
+    epochs = trained.epochs
+    return {"lr_used": job.lr, "batch_size_used": job.batch_size,
+            "steps_per_epoch": [e.get("steps") for e in epochs],
+            "samples_trained": sum(e.get("trained", 0.0) for e in epochs),
+            "step_cost": epochs[-1].get("step_cost") if epochs else None}
 
 
 def machine_info() -> dict[str, Any]:
@@ -200,7 +241,8 @@ def machine_info() -> dict[str, Any]:
 
 def run(quick: bool, out: Path, task: str = "mnist1d", task_args: dict[str, str] | None = None,
         workers: int = 1, seeds: int | None = None, threads: int = 1,
-        ablations: list[str] | None = None) -> dict[str, Any]:
+        ablations: list[str] | None = None, budgets: list[int] | None = None,
+        lr_factors: list[float] | None = None) -> dict[str, Any]:
     """Trains every config for every seed and writes the frontier (see the module doc).
 
     Args:
@@ -214,6 +256,9 @@ def run(quick: bool, out: Path, task: str = "mnist1d", task_args: dict[str, str]
             service, Redis and the loss reporter, and timings on a shared machine stay stable).
         ablations: the ablation arms to train (default: all of `ABLATIONS`); the others are
             left out of the tables and get no speedup figures.
+        budgets: passes over the data each arm trains for (default: the task's, up to 24).
+        lr_factors: learning rates, as factors of the default, for every arm (default 0.5, 1,
+            2).
     """
     n_seeds = seeds if seeds is not None else (QUICK_SEEDS if quick else FULL_SEEDS)
     if n_seeds < 1 or workers < 1 or threads < 0:
@@ -222,6 +267,13 @@ def run(quick: bool, out: Path, task: str = "mnist1d", task_args: dict[str, str]
     if unknown := set(chosen) - set(ABLATIONS):
         raise ValueError(f"unknown ablations {sorted(unknown)}; choose from {list(ABLATIONS)}")
     scale = default_scale(quick, task)
+    if budgets:
+        scale = dataclasses.replace(scale, plain_budgets=tuple(sorted(budgets)),
+                                    hardbatch_budgets=tuple(sorted(budgets)))
+    if lr_factors:
+        scale = dataclasses.replace(scale, lr_factors=tuple(lr_factors))
+    if min(scale.plain_budgets) < 1 or min(scale.lr_factors) <= 0:
+        raise ValueError("budgets must be >= 1 pass and learning-rate factors > 0")
     task_args = dict(task_args or {})
     base = dataclasses.replace(
         JobConfig(), task=BUILTIN_TASKS.get(task, task), task_args=task_args,
@@ -230,7 +282,7 @@ def run(quick: bool, out: Path, task: str = "mnist1d", task_args: dict[str, str]
     probe: Task = load_task(base.task)(TaskArgs(base.num_samples, base.width, 0, task_args))
     arms = {a: j for a, j in arm_jobs(base).items() if a in ("plain", "hardbatch", *chosen)}
     precisions, precision_note = plain_precisions(base.resolved_device())
-    plan = schedule(arms, scale, list(range(n_seeds)), precisions)
+    plan = schedule(arms, scale, list(range(n_seeds)), precisions, workers)
     started, info = time.perf_counter(), machine_info()
     runs, suspects = [], []
     runner = LocalRunner(out) if workers == 1 else RayRunner(out)
@@ -239,7 +291,8 @@ def run(quick: bool, out: Path, task: str = "mnist1d", task_args: dict[str, str]
             job = job_for(arms, item, scale)
             trained, run_name = runner.train(job, probe.num_samples)
             runs.append({**item, "run": run_name, "train_time_s": trained.train_time_s,
-                         "evals": trained.evals, "epoch_metrics": trained.epochs})
+                         "evals": trained.evals, "epoch_metrics": trained.epochs,
+                         **run_record(trained, job)})
             last = trained.evals[-1]
             print(f"[{k}/{len(plan)}] {item['config']} seed {item['seed']}: "
                   f"acc {100 * last['val_accuracy']:.2f}% loss {last['val_loss']:.4f} "
@@ -247,7 +300,7 @@ def run(quick: bool, out: Path, task: str = "mnist1d", task_args: dict[str, str]
                   flush=True)
             noisy = probe.noisy_ids
             if run_name is not None and noisy is not None \
-                    and item["arm"] == "hardbatch" \
+                    and item["arm"] == "hardbatch" and item["lr"] == base.lr \
                     and item["passes"] == max(scale.hardbatch_budgets):
                 runner.settle(run_name)
                 # Every suspect the service lists (the listing's cap is far above any
@@ -264,6 +317,7 @@ def run(quick: bool, out: Path, task: str = "mnist1d", task_args: dict[str, str]
         task=base.task, task_name=task, task_args=task_args, workers=workers, seeds=n_seeds,
         quick=quick, threads=threads, num_samples=scale.num_samples, width=scale.width,
         batch_size=scale.batch_size, budgets_in="passes over the data",
+        lr_factors=list(scale.lr_factors),
         plain_budgets=list(scale.plain_budgets), hardbatch_budgets=list(scale.hardbatch_budgets),
         plain_precisions=precisions, precision_note=precision_note,
         hardbatch_config={k: v for k, v in dataclasses.asdict(base).items()
@@ -363,7 +417,8 @@ def analyze(runs: list[dict[str, Any]], metric: str, arms: dict[str, JobConfig])
     meta: dict[str, dict[str, Any]] = {}
     for r in runs:
         kept.setdefault(r["config"], []).append(r["epoch_metrics"][-1]["samp_perc"])
-        meta[r["config"]] = {k: r[k] for k in ("arm", "precision", "epochs", "passes")}
+        meta[r["config"]] = {k: r[k] for k in ("arm", "precision", "epochs", "passes", "lr",
+                                               "batch_size") if k in r}
     plain_best, best, rows = _rows(names, curves, metric)
     targets = [r["target"] for r in rows]
     best_configs = {arm: st.best_config(curves[arm], metric) for arm in names}

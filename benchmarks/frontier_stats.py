@@ -38,9 +38,29 @@ def final(curve: Curve, metric: str) -> float:
 
 
 def time_to(curve: Curve, target: float, metric: str) -> float | None:
-    """Training seconds of the first eval at or past `target`, or None if none was."""
+    """Training seconds at which the curve first reached `target`, or None if it never did:
+    interpolated linearly between the last eval short of it and the first at or past it (from
+    the start of training for the first eval), so a crossing is not rounded up to the next
+    evaluation, however sparse.
+
+    Example:
+        >>> c = [{"train_time_s": 10.0, "val_accuracy": 0.5}, {"train_time_s": 20.0,
+        ...      "val_accuracy": 0.9}]
+        >>> time_to(c, 0.8, "accuracy"), time_to(c, 0.5, "accuracy"), time_to(c, 0.95, "accuracy")
+        (17.5, 10.0, None)
+    """
     key = key_of(metric)
-    return next((e["train_time_s"] for e in curve if reaches(e[key], target, metric)), None)
+    for i, e in enumerate(curve):
+        if not reaches(e[key], target, metric):
+            continue
+        if i == 0:
+            return e["train_time_s"]
+        before = curve[i - 1]
+        span = e[key] - before[key]
+        frac = (target - before[key]) / span if span else 1.0
+        t0 = before["train_time_s"]
+        return t0 + min(max(frac, 0.0), 1.0) * (e["train_time_s"] - t0)
+    return None
 
 
 def half_time(times: Sequence[float | None]) -> float | None:

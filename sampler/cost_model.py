@@ -309,3 +309,64 @@ class KeptGate:
 
 def _ema(old: float | None, new: float, keep: float) -> float:
     return new if old is None else keep * old + (1.0 - keep) * new
+
+
+@dataclass
+class StepCurve:
+    """A training step's cost as a line in its sample count, `time(n) = a + b n`, fitted by
+    least squares from measured steps (issue 25: measure the curve, don't assume it).
+
+    `a` is what a step costs whatever it trains (the optimizer update, kernel launches, a GPU's
+    small-model floor), `b` each sample's share. Shrinking a batch to its kept share `s` saves
+    `b (1 - s) B` of a step's `a + b B`, and scoring costs `score_s`: the in-batch filter pays
+    only where `score_s < b (1 - s) B`. The sums are plain numbers, so ranks add theirs up (one
+    all-reduce) and fit one curve.
+
+    Example:
+        >>> c = StepCurve()
+        >>> for n in (64, 128, 256, 256):
+        ...     c.add(n, 0.002 + 1e-5 * n, score_s=0.001)
+        >>> a, b = c.fit()
+        >>> round(a, 6), round(b, 8), c.score_s
+        (0.002, 1e-05, 0.001)
+    """
+
+    #: count, sum n, sum t, sum n^2, sum n t, sum score_s
+    sums: list[float] = field(default_factory=lambda: [0.0] * 6)
+
+    def add(self, n: float, train_s: float, score_s: float = 0.0) -> None:
+        for i, v in enumerate((1.0, n, train_s, n * n, n * train_s, score_s)):
+            self.sums[i] += v
+
+    @property
+    def steps(self) -> int:
+        return int(self.sums[0])
+
+    @property
+    def score_s(self) -> float:
+        return self.sums[5] / self.sums[0] if self.sums[0] else 0.0
+
+    def fit(self) -> tuple[float, float] | None:
+        """(a, b), or None before two distinct sample counts were measured (all steps full:
+        the slope cannot be told from the intercept)."""
+        k, sn, st, snn, snt, _ = self.sums
+        var = k * snn - sn * sn
+        if k < 2 or var <= 1e-9 * max(snn * k, 1.0):
+            return None
+        b = (k * snt - sn * st) / var
+        return (st - b * sn) / k, b
+
+    def summary(self, batch_size: int) -> dict[str, float | None]:
+        """a, b, the scoring forward's mean seconds, steps measured and `shrink_pays_below`:
+        the kept share under which a filtered step is cheaper than a full one by this curve
+        (0: never; None: not known)."""
+        ab = self.fit()
+        out: dict[str, float | None] = {"a": None, "b": None, "score_s": self.score_s,
+                                        "steps": float(self.steps), "shrink_pays_below": None,
+                                        "mean_s": self.sums[2] / self.sums[0] if self.sums[0]
+                                        else None}
+        if ab is not None:
+            a, b = ab
+            out.update(a=a, b=b, shrink_pays_below=(
+                max(0.0, 1.0 - self.score_s / (b * batch_size)) if b > 0 else 0.0))
+        return out

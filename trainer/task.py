@@ -2,7 +2,7 @@
 
 A task is any function `make(args: TaskArgs) -> Task`, named by a dotted path
 `package.module:function`, so users plug in their own model and data without editing hardbatch.
-The built-in tasks also answer to short names: `mnist1d`, `tabular` and `sequence`.
+The built-in tasks also answer to short names: `mnist1d`, `tabular`, `sequence` and `images`.
 Sample ids are the integer positions 0..N-1 of the training dataset: they must stay stable for
 the whole run, because the loss store and the sampler address samples by them.
 """
@@ -25,6 +25,7 @@ BUILTIN_TASKS = {
     "mnist1d": "hardbatch.trainer.mnist1d_task:make",
     "tabular": "hardbatch.trainer.tabular_task:make",
     "sequence": "hardbatch.trainer.sequence_task:make",
+    "images": "hardbatch.trainer.images_task:make",
 }
 # What a task can be judged by: validation accuracy (higher is better) or loss (lower is).
 METRICS = ("accuracy", "val_loss")

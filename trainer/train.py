@@ -61,6 +61,7 @@ class TrainConfig:
     filter: bool = _as_in_worker_config("filter")
     cost_model: bool = _as_in_worker_config("cost_model")
     filter_gate: bool = _as_in_worker_config("filter_gate")
+    step_curve: bool = _as_in_worker_config("step_curve")
     min_loss_perc: float = _as_in_worker_config("min_loss_perc")
     min_samples_perc: float = _as_in_worker_config("min_samples_perc")
     score_precision: str = _as_in_worker_config("score_precision")
@@ -103,7 +104,8 @@ class TrainConfig:
     def worker_config(self, **overrides: Any) -> WorkerConfig:
         """The filter settings of this run as a `WorkerConfig` (plus `overrides`)."""
         return WorkerConfig(seed=self.seed, filter=self.filter, cost_model=self.cost_model,
-                            filter_gate=self.filter_gate, min_loss_perc=self.min_loss_perc,
+                            filter_gate=self.filter_gate, step_curve=self.step_curve,
+                            min_loss_perc=self.min_loss_perc,
                             min_samples_perc=self.min_samples_perc,
                             score_precision=self.score_precision, **overrides)
 
@@ -124,7 +126,7 @@ class RunResult:
     """What a run measured. `train_time_s` excludes validation."""
 
     config: dict[str, Any]
-    epochs: list[dict[str, float]] = field(default_factory=list)
+    epochs: list[dict[str, Any]] = field(default_factory=list)
     evals: list[dict[str, float]] = field(default_factory=list)
     train_time_s: float = 0.0
 
@@ -344,7 +346,8 @@ def _train(config: TrainConfig, task: Task, model: torch.nn.Module, hb: Worker, 
             "val_loss": last["val_loss"], "val_accuracy": last["val_accuracy"],
             "samp_perc": stats["samp_perc"], "loss_perc": stats["loss_perc"],
             "scored_perc": stats["scored_perc"], "filter_steps": stats["filter_steps"],
-            "cost_switches": stats["cost_switches"],
+            "cost_switches": stats["cost_switches"], "steps": stats["steps"],
+            "trained": stats["trained"], "step_cost": stats["step_cost"],
             "epoch_time_s": result.train_time_s - epoch_start,
             "train_time_s": result.train_time_s,
         })

@@ -41,7 +41,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from hardbatch.sampler.cost_model import KeptGate, Mode
+from hardbatch.sampler.cost_model import KeptGate, Mode, StepCurve
 from hardbatch.sampler.filter import Selection, per_sample, select
 from hardbatch.trainer.plan_source import Round, RoundPlans
 from hardbatch.trainer.step_costs import StepCosts
@@ -101,6 +101,11 @@ class WorkerConfig:
         "help": "Least fraction of each batch to keep."})
     nonfinite: str = field(default="raise", metadata={
         "help": "NaN/inf scored losses: raise (on every rank at the same step) or keep them."})
+    step_curve: bool = field(default=True, metadata={
+        "help": "Measure a step's cost against its sample count over the first round (time = "
+                "a + b n) and from then on filter only where a shrunk step is cheaper than a "
+                "full one by it (never where a step costs the same at any size: a GPU's small "
+                "models, a small MLP). Timed: turn off for bit-equal reruns."})
     score_precision: str = field(default="auto", metadata={
         "help": "Precision of the scoring forward: fp32, bf16, or auto (bf16 on GPUs that run "
                 "it; on a CPU, bf16 only if it scored the first batch at least 20% faster "
@@ -260,7 +265,8 @@ class Worker:
             steps = self._plans.steps(self.num_samples)
             rounds = self._service_round
         self.steps_per_epoch = steps
-        self._done, self._done_in = 0, None  # steps trained in the round `_done_in`
+        self._done = 0  # steps trained in the round `_done_in`
+        self._done_in: Round | None = None
         self.sampler = PlanSampler(dataset, rounds, batch_size, self.rank, self.world_size)
         collate = IdCollate(loader_kwargs.pop("collate_fn", None))
         self.loader = DataLoader(IdDataset(dataset), batch_size=batch_size, sampler=self.sampler,
@@ -283,6 +289,12 @@ class Worker:
         self._gate_filters = self._gate is None
         self._gate_switches = 0
         self._switches_before = 0  # the cost model's switches at the last summary
+        # The step-cost curve, over this worker's first round: each step from one select to
+        # the next, less its scoring, against the samples it trained.
+        self.curve = StepCurve()
+        self._tick: tuple[float, int, float, Round | None] | None = None  # start, n, score s
+        self._curve_round: Round | None = None
+        self._shrink_below: float | None = None  # the curve's verdict, once round 0 is done
 
     # -- batches -----------------------------------------------------------------------------
 
@@ -369,8 +381,11 @@ class Worker:
         n = len(ids)
         w = self._weights(ids)
         costs = self._costs
-        if costs is not None and self.device.type == "cuda":
+        measuring = self._measuring()
+        if (costs is not None or measuring) and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the last step's kernels end in its time
+        step_start = time.perf_counter()
+        self._close_step(step_start)
         if self._gate is not None:
             self._gate_step()
         mode = (costs.begin(self.epoch) if costs is not None
@@ -386,6 +401,7 @@ class Worker:
                 raise _nonfinite_full(self.step, n_bad)
             self._settle(sums)
             self._pending = _Selection(ids, None, None, count, 1.0)
+            self._open_step(step_start, n, 0.0, measuring)
             return slice(None)
         if callable(score) and self._probe_scoring:
             self._probe_scoring = False
@@ -402,8 +418,9 @@ class Worker:
         # copy also leaves inference mode, and the reporter wants the losses there anyway.
         device = scored.device
         scored = scored.cpu() if scored.device.type != "cpu" else scored.clone()
+        score_s = time.perf_counter() - tick
         if costs is not None:
-            costs.scored(time.perf_counter() - tick)
+            costs.scored(score_s)
         if len(scored) != n:
             raise ValueError(f"score gave {len(scored)} losses for a batch of {n} ids")
         try:
@@ -425,7 +442,30 @@ class Worker:
             self._gate_counts += (len(keep), n)
         self._settle(sums)
         self._pending = _Selection(ids, scored, keep, count, sel.loss_perc)
+        self._open_step(step_start, len(keep), score_s, measuring)
         return keep.to(device)
+
+    # Steps of the first round that the curve skips: first calls allocate and pick kernels.
+    CURVE_WARMUP = 3
+    CURVE_STEPS = 512
+
+    def _measuring(self) -> bool:
+        rnd = self.sampler.current
+        if self._curve_round is None:
+            self._curve_round = rnd
+        return rnd is self._curve_round and self.curve.steps < self.CURVE_STEPS
+
+    def _open_step(self, start: float, n: int, score_s: float, measuring: bool) -> None:
+        self._tick = (start, n, score_s, self.sampler.current) if measuring else None
+
+    def _close_step(self, now: float) -> None:
+        """The step begun at the last `select` ends here: add it to the curve (when it was in
+        the first round, as this one is, and past the warm-up)."""
+        tick, self._tick = self._tick, None
+        if tick is None or tick[3] is not self.sampler.current or self._done <= self.CURVE_WARMUP:
+            return
+        start, n, score_s, _ = tick
+        self.curve.add(n, max(now - start - score_s, 0.0), score_s)
 
     def _score_autocast(self, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
         # fp32 turns off an autocast of the caller's; None leaves it as it is.
@@ -465,10 +505,24 @@ class Worker:
         stretch = gate.windows * pos // length
         if pos and stretch == gate.windows * (pos - 1) // length:
             return
-        kept, scored = self._reduce(self._gate_counts.tolist())
+        curve_due = (self.config.step_curve and self._shrink_below is None
+                     and self.sampler.current is not self._curve_round)
+        kept, scored, *curve = self._reduce(self._gate_counts.tolist()
+                                            + (self.curve.sums if curve_due else []))
+        if curve_due:
+            # The first round is measured: from here the filter runs only below the kept
+            # share where a shrunk step is cheaper than a full one by its curve (0 where
+            # shrinking never pays), and where the gate says so.
+            verdict = StepCurve(curve).summary(self.batch_size)["shrink_pays_below"]
+            self._shrink_below = 1.0 if verdict is None else verdict
+            log.info("step cost curve of round 0: %s; the filter runs below a kept share of "
+                     "%.2f", StepCurve(curve).summary(self.batch_size),
+                     min(self._shrink_below, gate.max_kept))
         if scored > 0:
             self._gate_shares = [*self._gate_shares[-gate.windows:], kept / scored]
-            filters = gate.filters(self._gate_shares)
+            filters = gate.filters(self._gate_shares) and (
+                self._shrink_below is None
+                or gate.projected(self._gate_shares) < self._shrink_below)
             if filters != self._gate_filters:
                 self._gate_switches += 1
                 log.info("round %d, batch %d: the filter turns %s (it kept %.0f%%, %.0f%% "
@@ -564,6 +618,7 @@ class Worker:
         """
         if self._costs is not None:
             self._costs.interrupt()
+        self._tick = None  # an evaluation is no step's cost
         return self._reduce(values)
 
     def _reduce(self, values: list[float], min_: bool = False) -> list[float]:
@@ -577,20 +632,24 @@ class Worker:
         dist.all_reduce(t, op=dist.ReduceOp.MIN if min_ else dist.ReduceOp.SUM)
         return t.tolist()
 
-    def summary(self) -> dict[str, float]:
+    def summary(self) -> dict[str, Any]:
         """Since the last summary, over all ranks (a collective): mean scored loss
-        (`train_loss`), kept fraction (`samp_perc`; 1 on a full step), the share of the
+        (`train_loss`), kept fraction (`samp_perc`; 1 on a full step), examples trained
+        (`trained`), the step-cost curve of the first round (`step_cost`: `a + b n` seconds a
+        step of n samples, see `StepCurve`), the share of the
         batches' slots scored (`scored_perc`: below 1 with an adaptive plan size), mean loss
         share kept (`loss_perc`), `steps` per rank, the share of them the filter ran on
         (`filter_steps`), the cost model's switches of mode (`cost_switches`) and, once it
         measured both modes, its `predicted_ratio` (a filtered step's cost over a full one)."""
-        loss_sum, scored, kept, share_sum, steps, filtered = self.all_reduce(
-            self._stats.tolist())
+        loss_sum, scored, kept, share_sum, steps, filtered, *curve = self.all_reduce(
+            self._stats.tolist() + self.curve.sums)
         self._stats[:] = 0
-        out = {"train_loss": loss_sum / max(scored, 1), "samp_perc": kept / max(scored, 1),
-               "scored_perc": scored / max(steps * self.batch_size, 1),
-               "loss_perc": share_sum / max(steps, 1), "steps": steps / self.world_size,
-               "filter_steps": filtered / max(steps, 1), "cost_switches": 0.0}
+        out: dict[str, Any] = {
+            "train_loss": loss_sum / max(scored, 1), "samp_perc": kept / max(scored, 1),
+            "trained": kept, "step_cost": StepCurve(curve).summary(self.batch_size),
+            "scored_perc": scored / max(steps * self.batch_size, 1),
+            "loss_perc": share_sum / max(steps, 1), "steps": steps / self.world_size,
+            "filter_steps": filtered / max(steps, 1), "cost_switches": 0.0}
         if self._costs is not None or self._gate is not None:
             switches = (len(self._costs.model.decisions) if self._costs is not None
                         else self._gate_switches)
@@ -626,6 +685,7 @@ class Worker:
             state["cost_model"] = self._costs.state_dict()
         if self._gate is not None:
             state["filter_gate"] = {"pos": list(self._round_pos),
+                                    "shrink_below": self._shrink_below,
                                     "counts": self._gate_counts.tolist(),
                                     "shares": list(self._gate_shares),
                                     "filters": self._gate_filters,
@@ -646,6 +706,7 @@ class Worker:
             self._gate_shares = [float(x) for x in g["shares"]]
             self._gate_filters = bool(g["filters"])
             self._gate_switches = int(g["switches"])
+            self._shrink_below = g.get("shrink_below")
             self._switches_before = self._gate_switches
         self.sampler.set_epoch(int(state["epoch"]))
         self.service_rounds_before = int(state["service_rounds"]) - self._plans.service_rounds

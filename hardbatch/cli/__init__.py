@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -36,7 +37,8 @@ def main() -> None:
 @click.option("--out", type=click.Path(file_okay=False), default="bench-out", show_default=True,
               help="Folder for NAME.json and plots.")
 @click.option("--task", default=None,
-              help="frontier: task to train, mnist1d, tabular, sequence or package.module:function "
+              help="frontier: task to train, mnist1d, tabular, sequence, images or "
+                   "package.module:function "
                    "[default: mnist1d].")
 @click.option("--task-arg", "task_args", multiple=True, metavar="KEY=VALUE",
               help="frontier: task argument, e.g. noise=0.2 (repeatable).")
@@ -50,11 +52,18 @@ def main() -> None:
 @click.option("--ablations", default=None, metavar="A,B",
               help="frontier: ablation arms to train, comma-separated, from uniform, "
                    "half, half_weighted, half_uniform, half_uncertain, cost_model, no_gate, "
-                   "no_guard, steps40, steps40_uniform, fixed_size ('' for none) "
+                   "no_guard, steps40, steps40_uniform, fixed_size, unpacked, no_filter ('' "
+                   "for none) "
                    "[default: all].")
+@click.option("--budgets", default=None, metavar="N,M",
+              help="frontier: passes over the data to train each config for, comma-separated "
+                   "[default: 2,4,7,12,24].")
+@click.option("--lrs", default=None, metavar="F,G",
+              help="frontier: learning rates as factors of the default, comma-separated, for "
+                   "plain and hardbatch alike [default: 0.5,1,2].")
 def bench(name: str, quick: bool, out: str, task: str | None, task_args: tuple[str, ...],
           workers: int | None, seeds: int | None, threads: int | None,
-          ablations: str | None) -> None:
+          ablations: str | None, budgets: str | None, lrs: str | None) -> None:
     """Run benchmark NAME, print its table and write OUT/NAME.json."""
     bench_mod = _benchmarks()
     names = sorted(bench_mod.BENCHMARKS)  # type: ignore[attr-defined]
@@ -65,7 +74,9 @@ def bench(name: str, quick: bool, out: str, task: str | None, task_args: tuple[s
         raise click.BadParameter(f"expected KEY=VALUE, got {task_args}", param_hint="--task-arg")
     given = {"task": task, "task_args": {k: v for k, _, v in pairs} or None, "workers": workers,
              "seeds": seeds, "threads": threads,
-             "ablations": None if ablations is None else [a for a in ablations.split(",") if a]}
+             "ablations": None if ablations is None else [a for a in ablations.split(",") if a],
+             "budgets": _numbers(budgets, int, "--budgets"),
+             "lr_factors": _numbers(lrs, float, "--lrs")}
     options = {k: v for k, v in given.items() if v is not None}
     try:
         if task is not None:
@@ -75,6 +86,16 @@ def bench(name: str, quick: bool, out: str, task: str | None, task_args: tuple[s
         bench_mod.run_benchmark(name, quick=quick, out=out, **options)  # type: ignore[attr-defined]
     except ValueError as e:
         raise click.UsageError(str(e)) from e
+
+
+def _numbers(text: str | None, kind: type, hint: str) -> list[Any] | None:
+    if text is None:
+        return None
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()] or None
+    except ValueError:
+        raise click.BadParameter(f"expected numbers separated by commas, got {text!r}",
+                                 param_hint=hint) from None
 
 
 from hardbatch.cli.serve import hardness_cmd, serve_cmd, top_cmd  # noqa: E402

@@ -153,6 +153,16 @@ class HardbatchCallback(pl.Callback):
         if trainer.current_epoch != self.worker.epoch:
             self.worker.sampler.set_epoch(trainer.current_epoch)
 
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Lightning has stepped its per-step schedulers once; a packed round's step covers
+        # more of the epoch: catch them up, so the schedule still ends where it would have.
+        assert self.worker is not None
+        for config in trainer.lr_scheduler_configs:
+            if config.interval == "step" and not config.reduce_on_plateau \
+                    and config.frequency == 1:
+                self.worker.schedule_step(config.scheduler)
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.worker is not None
         self.last_summary = self.worker.summary()  # a collective: every rank is here
@@ -202,7 +212,10 @@ class PlanLoader:
         yield from self._worker().loader
 
     def __len__(self) -> int:
-        return len(self._worker().loader)
+        # A full epoch's batches: Lightning sizes the run (estimated_stepping_batches, for LR
+        # schedules) from it once; a packed round yields fewer, full ones and ends the epoch
+        # there, and the callback catches per-step schedules up.
+        return self._worker().steps_per_epoch
 
     @property
     def sampler(self) -> PlanSampler:

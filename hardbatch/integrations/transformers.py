@@ -120,11 +120,11 @@ class HardbatchTrainer(Trainer):
         # knows its rank.
         self.worker = Worker(self.hardbatch_config, self.train_dataset, self._train_batch_size,
                              reporter=self._reporter, device=args.device)
-        loader = DataLoader(IdDataset(self.train_dataset), batch_size=self._train_batch_size,
-                            sampler=self.worker.sampler,
-                            collate_fn=IdsInBatch(IdCollate(self.data_collator)),
-                            num_workers=args.dataloader_num_workers,
-                            pin_memory=args.dataloader_pin_memory)
+        loader = FullEpochLoader(IdDataset(self.train_dataset), self.worker.steps_per_epoch,
+                                 batch_size=self._train_batch_size, sampler=self.worker.sampler,
+                                 collate_fn=IdsInBatch(IdCollate(self.data_collator)),
+                                 num_workers=args.dataloader_num_workers,
+                                 pin_memory=args.dataloader_pin_memory)
         self._check_per_sample_loss(loader)
         return loader
 
@@ -163,6 +163,23 @@ class HardbatchTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
 
+class FullEpochLoader(DataLoader):
+    """A `DataLoader` whose length is a full epoch's batches: `Trainer` sizes its run
+    (`max_steps`) and its LR schedule from it once, and a packed round yields fewer, full
+    batches (the epoch ends when they do; `HardbatchCallback` catches the schedule up)."""
+
+    def __init__(self, dataset: Any, full_batches: int, **kwargs: Any) -> None:
+        super().__init__(dataset, **kwargs)
+        self.full_batches = full_batches
+
+    def __len__(self) -> int:
+        return self.full_batches
+
+    def set_epoch(self, epoch: int) -> None:
+        # Trainer's own epoch index: `state.epoch` lags behind it once rounds are packed.
+        self.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
+
+
 class IdsInBatch:
     """Collates `(ids, dict batch)` into the dict with the ids under `hardbatch_ids` (a class,
     so DataLoader worker processes can pickle it)."""
@@ -191,6 +208,14 @@ class HardbatchCallback(TrainerCallback):
         # batches on resume; state.epoch is the epoch here (fractional mid-epoch on resume).
         if self.trainer.worker is not None:
             self.trainer.worker.sampler.set_epoch(math.floor(state.epoch or 0))
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # Trainer has stepped its scheduler once; a packed round's step covers more of the
+        # epoch: catch it up, so the schedule still ends where it would have.
+        scheduler = kwargs.get("lr_scheduler") or self.trainer.lr_scheduler
+        if self.trainer.worker is not None and scheduler is not None \
+                and args.gradient_accumulation_steps == 1:
+            self.trainer.worker.schedule_step(scheduler)
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.trainer.worker is not None:

@@ -51,13 +51,15 @@ def check_frontier(r: dict, metric: str, seeds: int) -> None:
 
 
 def test_quick_frontier_on_mnist1d_in_one_process(tmp_path):
-    r = run_benchmark("frontier", quick=True, out=tmp_path)
+    # One learning rate: every arm here; the grid is the sequence test's.
+    r = run_benchmark("frontier", quick=True, out=tmp_path, lr_factors=[1.0])
     saved = json.loads((tmp_path / "frontier.json").read_text())
     assert saved["speedup_at_best"] == r["speedup_at_best"]
     check_frontier(saved, "accuracy", seeds=2)
     assert saved["arms"] == ["plain", "hardbatch", "uniform", "half", "half_weighted",
                              "half_uniform", "half_uncertain", "cost_model", "no_gate",
-                             "no_guard", "steps40", "steps40_uniform", "fixed_size"]
+                             "no_guard", "steps40", "steps40_uniform", "fixed_size",
+                             "unpacked", "no_filter"]
     assert saved["workers"] == 1 and saved["task_name"] == "mnist1d"
     # every composition against its same-size uniform control
     assert [(v["arm"], v["control"]) for v in saved["composition"]] == [
@@ -132,6 +134,20 @@ def test_quick_frontier_on_the_sequence_task_targets_validation_loss(tmp_path):
     assert r["arms"] == ["plain", "hardbatch", "uniform"] and list(r["ablations"]) == ["uniform"]
     assert {run["arm"] for run in r["runs"]} == {"plain", "hardbatch", "uniform"}
     assert all("half_time_s" not in t and "uniform_time_s" in t for t in r["targets"])
+    # The learning-rate grid: every arm at each rate, each side scored at its best config
+    # per target, and what each run trained is on record.
+    assert r["lr_factors"] == [1.0, 2.0]
+    d = JobConfig()
+    for arm in ("plain", "hardbatch"):
+        assert {run["lr"] for run in r["runs"] if run["arm"] == arm} == {d.lr, 2 * d.lr}
+    # an ablation isolates its component at the default rate
+    assert {run["lr"] for run in r["runs"] if run["arm"] == "uniform"} == {d.lr}
+    assert all(t["best_config"]["plain"]["config"] in r["configs"] for t in r["targets"])
+    for run in r["runs"]:
+        assert run["lr_used"] == run["lr"] and len(run["steps_per_epoch"]) == run["epochs"]
+        assert run["samples_trained"] > 0 and "a" in run["step_cost"]
+    packed = [run for run in r["runs"] if run["arm"] == "hardbatch"]
+    assert all(run["samples_trained"] <= 2_000 * run["epochs"] for run in packed)
 
 
 @pytest.mark.slow
@@ -142,6 +158,9 @@ def test_quick_frontier_on_two_ray_workers(tmp_path):
                       ablations=["uniform"])
     check_frontier(r, "accuracy", seeds=1)
     assert r["workers"] == 2 and set(r["arms"]) == {"plain", "hardbatch", "uniform"}
+    # plain DDP also at one process's global batch (64 per worker, the same steps)
+    batches = {run["batch_size_used"] for run in r["runs"] if run["arm"] == "plain"}
+    assert batches == {128, 64}
 
 
 @pytest.mark.parametrize("args, message", [
@@ -150,6 +169,8 @@ def test_quick_frontier_on_two_ray_workers(tmp_path):
     (["frontier", "--task", "nope"], "task must be one of"),
     (["frontier", "--workers", "0"], "0 is not in the range"),
     (["frontier", "--ablations", "uniform,nope"], "unknown ablations ['nope']"),
+    (["frontier", "--budgets", "2,x"], "expected numbers separated by commas"),
+    (["frontier", "--lrs", "0,1"], "learning-rate factors > 0"),
 ])
 def test_bench_options_are_checked_before_anything_runs(args, message, tmp_path):
     result = CliRunner().invoke(main, ["bench", *args, "--quick", "--out", str(tmp_path)])

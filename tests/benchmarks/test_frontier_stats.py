@@ -21,11 +21,14 @@ def test_half_time_is_the_median_with_never_counted_last():
     assert st.half_time([]) is None
 
 
-def test_time_to_finds_the_first_eval_at_or_past_the_target_for_either_metric():
+def test_time_to_interpolates_the_first_crossing_for_either_metric():
     c = curve((1.0, 0.5), (2.0, 0.8), (3.0, 0.7), (4.0, 0.9))
     assert st.time_to(c, 0.8, "accuracy") == 2.0
+    assert st.time_to(c, 0.6, "accuracy") == pytest.approx(1 + 1 / 3)  # between 1 s and 2 s
+    assert st.time_to(c, 0.4, "accuracy") == 1.0  # reached at the first eval: its time
     assert st.time_to(c, 0.95, "accuracy") is None
-    assert st.time_to(c, 0.15, "val_loss") == 4.0  # loss 0.1 at 4 s; 0.2 at 2 s is above
+    # loss 0.2 at 2 s, 0.3 at 3 s, 0.1 at 4 s: 0.15 is crossed between 3 s and 4 s
+    assert st.time_to(c, 0.15, "val_loss") == pytest.approx(3.75)
 
 
 def test_targets_span_one_point_down_or_two_percent_of_loss_up():
@@ -41,7 +44,9 @@ def test_fastest_takes_the_best_half_time_over_configs():
         "long": [curve((1.0, 0.8), (3.0, 0.95)), curve((1.0, 0.8), (3.5, 0.95)),
                  curve((1.0, 0.8), (2.5, 0.95))],
     }
-    assert st.fastest(curves, 0.92, "accuracy") == (3.0, "long", [3.0, 3.5, 2.5])
+    # 0.92 is 80% of the way from 0.8 to 0.95: crossed at 80% of each last interval
+    t, name, times = st.fastest(curves, 0.92, "accuracy")
+    assert name == "long" and times == pytest.approx([2.6, 3.0, 2.2]) and t == pytest.approx(2.6)
     # two of three short seeds reach 0.9: their half-time beats every long seed
     assert st.fastest(curves, 0.9, "accuracy") == (1.1, "short", [1.0, None, 1.1])
     assert st.fastest(curves, 0.99, "accuracy") == (None, None, [])

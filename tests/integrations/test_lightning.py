@@ -137,3 +137,22 @@ def test_lightning_ddp_ranks_take_equal_steps_and_share_one_kept_fraction():
     assert [r for r, _ in lines] == ["0", "1"], out.stdout
     assert lines[0][1] == lines[1][1]  # the same summary, reduced over both ranks
     assert "steps 16 " in lines[0][1]  # 512 examples, 2 ranks of 32, 2 epochs
+
+
+class OneCycleMLP(MLP):
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=0.5)
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=0.5, total_steps=int(self.trainer.estimated_stepping_batches))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def test_packed_rounds_take_fewer_steps_and_the_schedule_still_ends(packed_run):
+    n, bs, epochs = 256, 32, 3
+    hb = HardbatchCallback(packed_run.worker_config, data(n), batch_size=bs)
+    t = trainer(hb, epochs=epochs)
+    t.fit(OneCycleMLP(), train_dataloaders=hb.loader)
+    sched = t.lr_scheduler_configs[0].scheduler
+    assert sched.total_steps == epochs * (n // bs)  # the run sized as full epochs
+    assert 0 < t.global_step < epochs * (n // bs)  # packed rounds: fewer steps
+    assert sched.last_epoch == sched.total_steps - 1  # and the schedule ran to its end

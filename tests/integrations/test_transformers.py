@@ -132,3 +132,15 @@ def test_logits_loss_ignores_masked_positions_and_handles_regression():
     reg = logits_loss({"logits": torch.tensor([[1.0], [3.0]])},
                       {"labels": torch.tensor([0.0, 1.0])})
     torch.testing.assert_close(reg, torch.tensor([1.0, 4.0]))
+
+
+def test_packed_rounds_take_fewer_steps_and_the_schedule_still_ends(packed_run, tmp_path):
+    data = ex.token_data(256, seed=0)
+    t = HardbatchTrainer(model=model(), args=args(tmp_path, epochs=3, lr_scheduler_type="linear"),
+                         train_dataset=data, hardbatch=packed_run.worker_config)
+    t.train()
+    full = 3 * (256 // 32)
+    assert t.state.max_steps == full  # the run sized as full epochs
+    assert 0 < t.state.global_step < full  # packed rounds: fewer steps
+    assert t.lr_scheduler.last_epoch == full  # and the schedule ran to its end: LR 0
+    assert t.lr_scheduler.get_last_lr()[0] == 0.0

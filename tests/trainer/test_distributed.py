@@ -52,7 +52,8 @@ def test_two_runs_of_one_seed_on_two_workers_are_the_same_run(ray_cluster, redis
     # filter gate) under two run names; fp32 scoring, as auto picks its precision by timing.
     # size_factor 1: the plans leave samples out from the second round on.
     runs = [launch(JobConfig(**SMALL, epochs=4, seed=5, size_factor=1.0,
-                             score_precision="fp32", redis=redis_url, run=f"twin-{k}",
+                             score_precision="fp32", step_curve=False, redis=redis_url,
+                             run=f"twin-{k}",
                              storage=str(tmp_path / str(k)))).result for k in range(2)]
     a, b = ([(e["val_loss"], e["samp_perc"], e["scored_perc"]) for e in r.epochs] for r in runs)
     assert a == b

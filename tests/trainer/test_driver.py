@@ -108,7 +108,7 @@ def test_runs_of_one_seed_on_the_service_plans_are_the_same_run(redis_url):
         # score_precision=auto picks by timing: pinned, as a run that must repeat would.
         job = JobConfig(num_samples=2000, width=8, batch_size=100, epochs=3, size_factor=1.0,
                         seed=seed, workers=1, threads=1, progress=False, redis=redis_url,
-                        score_precision="fp32")
+                        score_precision="fp32", step_curve=False)
         with Driver(2000, job.epochs, run=run, redis=redis_url, service=url, ray_address=None,
                     plan=job.plan_config(), worker=job.worker_config()) as driver:
             result = fit(job.train_config(), runtime=Runtime(hardbatch=driver.worker_config))

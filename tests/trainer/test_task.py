@@ -41,7 +41,7 @@ def test_builtin_task_is_generated_offline_and_cached(tmp_path, monkeypatch):
         make(TaskArgs(num_samples=0))
 
 
-@pytest.mark.parametrize("name", ["mnist1d", "tabular", "sequence"])
+@pytest.mark.parametrize("name", ["mnist1d", "tabular", "sequence", "images"])
 def test_short_names_resolve_to_builtin_tasks_that_train_offline(name, tmp_path, monkeypatch):
     monkeypatch.setenv("HARDBATCH_CACHE", str(tmp_path))
     task = load_task(name)(TaskArgs(num_samples=300, width=8, seed=0))

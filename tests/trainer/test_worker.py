@@ -173,8 +173,9 @@ def test_the_gate_filters_only_where_the_kept_share_says_it_pays():
             hb.loss(losses[keep])
         return hb.summary()
 
-    # 4 batches a round: each is a stretch of its own (8 a round at most).
-    config = WorkerConfig(score_precision="fp32")
+    # 4 batches a round: each is a stretch of its own (8 a round at most). The kept share
+    # alone decides (the step-cost curve is the next test's).
+    config = WorkerConfig(score_precision="fp32", step_curve=False)
     with Worker(config, data(64), batch_size=16) as hb:
         zero = run_round(hb, 0, flat)  # starts with full steps; flat: stays there
         assert zero["filter_steps"] == 0.0 and zero["samp_perc"] == 1.0
@@ -193,6 +194,35 @@ def test_the_gate_filters_only_where_the_kept_share_says_it_pays():
     with Worker(WorkerConfig(score_precision="fp32", filter_gate=False), data(64),
                 batch_size=16) as hb:
         assert run_round(hb, 0, flat)["filter_steps"] == 1.0
+
+
+@pytest.mark.parametrize("b, filters", [(0.0, False), (1e-3, True)])
+def test_the_step_cost_curve_of_round_0_keeps_the_filter_off_where_shrinking_cannot_pay(
+        b, filters):
+    from hardbatch.sampler.cost_model import StepCurve
+
+    peaked = torch.full((16,), 0.01)
+    peaked[0] = 100.0  # 1 of 16 carries the loss: the kept share says filter
+    with Worker(WorkerConfig(score_precision="fp32"), data(128), batch_size=16) as hb:
+        for ids, _ in hb.batches(0):
+            keep = hb.select(ids, peaked)
+            hb.loss(peaked[keep])
+        assert hb.curve.steps == 4  # measured in round 0: the 8 steps less 3 of warm-up and
+        # the last, which ends at the next round's first select
+        assert hb.summary()["filter_steps"] > 0  # round 0: the kept share alone
+        # What round 0 measured, made exact: a step of n samples costs 0.01 + b n seconds and
+        # scoring 1 ms; b = 0 (a GPU's small model) never pays for a shrunk batch.
+        hb.curve = StepCurve()
+        for n in (1, 4, 16, 16):
+            hb.curve.add(n, 0.01 + b * n, score_s=0.001)
+        for ids, _ in hb.batches(1):
+            keep = hb.select(ids, peaked)
+            hb.loss(peaked[keep])
+        one = hb.summary()
+        assert (one["filter_steps"] > 0) == filters
+        assert hb.state_dict()["filter_gate"]["shrink_below"] == (
+            0.0 if b == 0 else pytest.approx(1 - 0.001 / (b * 16)))
+        assert one["step_cost"]["steps"] == 4
 
 
 @pytest.mark.parametrize("slow", ["bf16", "fp32"])
