@@ -63,6 +63,10 @@ class Settings(BaseSettings):
     redis_timeout_s: float = Field(
         default=5.0, gt=0, description="Redis socket timeout: a stalled Redis fails requests "
                                        "that need it (503) after this long instead of hanging.")
+    ready_timeout_s: float = Field(
+        default=0.5, gt=0, le=0.9,
+        description="Socket timeout of the background Redis ping /readyz reports: under 1 s, so "
+                    "a stalled Redis turns /readyz into a 503 within a second or so.")
 
     # Default plan config of a run (a run can override it through its plan-config endpoint);
     # the defaults are PlanConfig's own, so the two cannot drift apart.

@@ -82,6 +82,38 @@ def test_healthz_answers_in_ms_while_redis_is_stopped(own_redis: EmbeddedRedis, 
         svc.stop()
 
 
+def test_readyz_answers_503_within_a_second_while_redis_is_stopped(
+        own_redis: EmbeddedRedis, fill) -> None:
+    store = LossStore.from_url(own_redis.url)
+    fill(store, "probe", 1000, batches=2, per_batch=100)
+    # The requests' own Redis timeout is long: /readyz must not wait it out.
+    svc = start_service(own_redis.url, redis_timeout_s="5")
+    try:
+        svc.wait_ready(runs=("probe",))
+        os.kill(own_redis.process.pid, signal.SIGSTOP)
+        stalled_at = time.monotonic()
+        times, answers = [], []
+        with httpx.Client(base_url=svc.url, timeout=5) as c:
+            while time.monotonic() < stalled_at + 4.0:
+                t0 = time.monotonic()
+                r = c.get("/readyz")
+                times.append(time.monotonic() - t0)
+                answers.append((t0 - stalled_at, r.status_code, r.json().get("reason")))
+                time.sleep(0.05)
+            os.kill(own_redis.process.pid, signal.SIGCONT)
+            assert max(times) < 1.0, sorted(times)[-5:]
+            # The probe's 0.5 s timeout: from then on every answer is a 503 with the reason.
+            late = [(code, why) for t, code, why in answers if t > 1.5]
+            assert late and all(code == 503 and why and why.startswith("redis")
+                                for code, why in late), late[:3]
+            _wait(lambda: c.get("/readyz").status_code == 200, timeout_s=10,
+                  what="/readyz to turn 200 after SIGCONT")
+            assert c.get("/readyz").json()["reason"] is None
+    finally:
+        os.kill(own_redis.process.pid, signal.SIGCONT)
+        svc.stop()
+
+
 def test_redis_out_of_memory_is_visible_then_recovers(own_redis: EmbeddedRedis, fill) -> None:
     store = LossStore.from_url(own_redis.url)
     fill(store, "oom", 5000, batches=2, per_batch=100)
