@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 from hardbatch.sampler.records import pack
-from hardbatch.services import keys
+from hardbatch.services import keys, lifelines
 from hardbatch.services.redis_server import EmbeddedRedis, free_port
 from hardbatch.services.store import LossStore
 
@@ -265,6 +265,38 @@ def test_serve_stops_its_embedded_redis_on_a_signal(sig: int, tmp_path: Path) ->
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_serve_sigkilled_leaves_no_redis_and_the_next_start_removes_its_folder(
+        tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HARDBATCH_")}
+    env.update(TMPDIR=str(tmp_path), HARDBATCH_API_TOKEN=TOKEN)
+
+    def serve() -> tuple[subprocess.Popen[bytes], Path]:
+        before = set(tmp_path.glob("hb-redis-*"))
+        port = free_port()
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "from hardbatch.cli import main; main()", "serve",
+             "--port", str(port), "--log-level", "warning"], cwd=REPO, env=env)
+        _wait(lambda: _up(port), what="service")
+        (folder,) = set(tmp_path.glob("hb-redis-*")) - before
+        return proc, folder
+
+    first, folder = serve()
+    redis_pid = int((folder / lifelines.CHILD_FILE).read_text())
+    assert lifelines.pid_alive(redis_pid)
+    first.kill()
+    first.wait(10)
+    _wait(lambda: not lifelines.pid_alive(redis_pid), timeout_s=10,
+          what="the embedded redis-server to die with its parent")
+    assert folder.exists(), "SIGKILL runs no cleanup: the next start must"
+    second, _ = serve()
+    try:
+        assert not folder.exists(), "the dead predecessor's folder is removed"
+    finally:
+        second.terminate()
+        second.wait(30)
+    assert not list(tmp_path.glob("hb-redis-*"))
 
 
 def _up(port: int) -> bool:
