@@ -244,6 +244,17 @@ def test_serve_refuses_a_public_address_without_a_token() -> None:
     assert r.returncode == 2 and "--insecure" in r.stderr, r.stderr
 
 
+def test_serve_refuses_the_secret_templates_placeholder_token() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HARDBATCH_")}
+    env["HARDBATCH_API_TOKEN"] = "REPLACE-WITH-ANOTHER-RANDOM-TOKEN"
+    r = subprocess.run(
+        [sys.executable, "-c", "from hardbatch.cli import main; main()", "serve",
+         "--redis-url", "redis://127.0.0.1:1/0"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "deploy/k8s/secret.yaml" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_serve_stops_its_embedded_redis_on_a_signal(sig: int, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HARDBATCH_")}
