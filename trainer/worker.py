@@ -528,8 +528,10 @@ class Worker:
 
     def summary(self) -> dict[str, float]:
         """Since the last summary, over all ranks (a collective): mean scored loss
-        (`train_loss`), kept fraction (`samp_perc`; 1 on a full step), the share of the
-        batches' slots scored (`scored_perc`: below 1 with an adaptive plan size), mean loss
+        (`train_loss`), kept fraction (`samp_perc`; 1 on a full step), the examples scored
+        (`scored`, counted here, apart from the loss store: what a check of the store compares
+        with), the share of the batches' slots scored (`scored_perc`: below 1 with an adaptive
+        plan size), mean loss
         share kept (`loss_perc`), `steps` per rank, the share of them the filter ran on
         (`filter_steps`), the cost model's switches of mode (`cost_switches`) and, once it
         measured both modes, its `predicted_ratio` (a filtered step's cost over a full one)."""
@@ -537,7 +539,7 @@ class Worker:
             self._stats.tolist())
         self._stats[:] = 0
         out = {"train_loss": loss_sum / max(scored, 1), "samp_perc": kept / max(scored, 1),
-               "scored_perc": scored / max(steps * self.batch_size, 1),
+               "scored": scored, "scored_perc": scored / max(steps * self.batch_size, 1),
                "loss_perc": share_sum / max(steps, 1), "steps": steps / self.world_size,
                "filter_steps": filtered / max(steps, 1), "cost_switches": 0.0}
         if self._costs is not None or self._gate is not None:
