@@ -94,7 +94,7 @@ def test_readyz_answers_503_within_a_second_while_redis_is_stopped(
         stalled_at = time.monotonic()
         times, answers = [], []
         with httpx.Client(base_url=svc.url, timeout=5) as c:
-            while time.monotonic() < stalled_at + 4.0:
+            while time.monotonic() < stalled_at + 10.0:  # issue 28's bar: a 10 s stall
                 t0 = time.monotonic()
                 r = c.get("/readyz")
                 times.append(time.monotonic() - t0)
@@ -293,20 +293,24 @@ def test_serve_sigkilled_leaves_no_redis_and_the_next_start_removes_its_folder(
         (folder,) = set(tmp_path.glob("hb-redis-*")) - before
         return proc, folder
 
-    first, folder = serve()
-    redis_pid = int((folder / lifelines.CHILD_FILE).read_text())
-    assert lifelines.pid_alive(redis_pid)
-    first.kill()
-    first.wait(10)
-    _wait(lambda: not lifelines.pid_alive(redis_pid), timeout_s=10,
-          what="the embedded redis-server to die with its parent")
-    assert folder.exists(), "SIGKILL runs no cleanup: the next start must"
-    second, _ = serve()
+    left = None
+    for _ in range(5):  # issue 28's bar: 5 kills, no redis-server and no folder left
+        proc, folder = serve()
+        assert left is None or not left.exists(), "the dead predecessor's folder is removed"
+        redis_pid = int((folder / lifelines.CHILD_FILE).read_text())
+        assert lifelines.pid_alive(redis_pid)
+        proc.kill()
+        proc.wait(10)
+        _wait(lambda pid=redis_pid: not lifelines.pid_alive(pid), timeout_s=10,
+              what="the embedded redis-server to die with its parent")
+        assert folder.exists(), "SIGKILL runs no cleanup: the next start must"
+        left = folder
+    last, _ = serve()
     try:
-        assert not folder.exists(), "the dead predecessor's folder is removed"
+        assert not left.exists()
     finally:
-        second.terminate()
-        second.wait(30)
+        last.terminate()
+        last.wait(30)
     assert not list(tmp_path.glob("hb-redis-*"))
 
 
