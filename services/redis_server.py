@@ -50,6 +50,7 @@ def with_password(url: str) -> str:
         return url
     return f"{scheme}://:{password}@{rest}"
 
+
 TEMP_PREFIX = "hb-redis-"
 _live: weakref.WeakSet[EmbeddedRedis] = weakref.WeakSet()
 
