@@ -11,6 +11,31 @@ hb_die() {
   exit 2
 }
 
+# Dies if any of the variables named is set but empty, or still holds a template's placeholder
+# (deploy/k8s/secret.yaml's REPLACE-WITH-..., deploy/hardbatch.env.example's <...>, change-me):
+# the patterns of services/core/secrets.py. Unset ones are left to the caller (some are optional).
+hb_check_secrets() {
+  local name value lower
+  local make_env="run deploy/make-env.sh (it writes deploy/hardbatch.env with random values)"
+  local secret="fill the Kubernetes Secret hardbatch-tokens with random values (deploy/k8s/secret.yaml says how)"
+  for name in "$@"; do
+    [[ -v $name ]] || continue
+    value=${!name} lower=${!name,,}
+    if [[ -z ${value//[[:space:]]/} ]]; then
+      hb_die "$name is set but empty: unset it, or $make_env; on Kubernetes, $secret"
+    elif [[ $lower == *replace-with* || $lower == *replacewith* ]]; then
+      hb_die "$name holds the placeholder '$value' of deploy/k8s/secret.yaml: $secret," \
+             "never the template as is"
+    elif [[ $value == \<*\> ]]; then
+      hb_die "$name holds the placeholder '$value' of deploy/hardbatch.env.example: $make_env," \
+             "instead of copying the example"
+    elif [[ $lower == *change-me* || $lower == *changeme* ]]; then
+      hb_die "$name holds the placeholder '$value': edit the file it came from; $make_env," \
+             "or on Kubernetes $secret"
+    fi
+  done
+}
+
 # Ray 2.60 turns token auth on by default, and the mode must agree between `ray start`, every
 # node and every driver, so make it explicit: token mode unless RAY_AUTH_MODE says otherwise,
 # with the token given to every process through the environment (never generated here: the
@@ -18,6 +43,7 @@ hb_die() {
 hb_ray_auth() {
   export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
   if [[ $RAY_AUTH_MODE == token ]]; then
+    hb_check_secrets RAY_AUTH_TOKEN
     if [[ -z ${RAY_AUTH_TOKEN:-} && ! -r ${RAY_AUTH_TOKEN_PATH:-/nonexistent} \
           && ! -r ${HOME:-/nonexistent}/.ray/auth_token ]]; then
       hb_die "Ray token auth is on but no token was given: set RAY_AUTH_TOKEN (deploy/make-env.sh" \

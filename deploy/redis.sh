@@ -20,6 +20,7 @@ data=${HARDBATCH_REDIS_DATA:-/data/redis}
 fsync=${HARDBATCH_REDIS_FSYNC:-everysec}
 case $fsync in always|everysec|no) ;; *) hb_die "HARDBATCH_REDIS_FSYNC must be always, everysec or no, got '$fsync'";; esac
 [[ $port =~ ^[0-9]+$ ]] || hb_die "HARDBATCH_REDIS_PORT must be a number, got '$port'"
+hb_check_secrets HARDBATCH_REDIS_PASSWORD
 
 if [[ -n ${HARDBATCH_REDIS_PASSWORD:-} ]]; then
   # It also goes into redis:// URLs, so keep it to characters a URL carries as they are.

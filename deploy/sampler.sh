@@ -11,6 +11,8 @@
 #   HARDBATCH_WAIT_S      how long to wait for Redis to accept connections (120)
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
+# Before waiting for Redis: a template's placeholder is an error now, not after the wait.
+hb_check_secrets HARDBATCH_API_TOKEN HARDBATCH_REDIS_PASSWORD
 
 export HARDBATCH_HOST=${HARDBATCH_HOST:-0.0.0.0}
 export HARDBATCH_PORT=${HARDBATCH_PORT:-8000}

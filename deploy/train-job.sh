@@ -19,6 +19,7 @@
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 hb_ray_auth
+hb_check_secrets HARDBATCH_API_TOKEN HARDBATCH_REDIS_PASSWORD
 
 address=${HARDBATCH_JOB_ADDRESS:-http://127.0.0.1:8265}
 run=${HARDBATCH_RUN:-hb-$(date +%Y%m%d-%H%M%S)}

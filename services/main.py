@@ -15,6 +15,7 @@ from hardbatch.services.core.config import Settings
 from hardbatch.services.live_runs import LiveRuns
 from hardbatch.services.metrics import PlanLatency
 from hardbatch.services.plan_rounds import RoundStore
+from hardbatch.services.readiness import RedisProbe
 from hardbatch.services.store import LossStore
 
 
@@ -37,10 +38,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         rounds = RoundStore(store.client, settings.plan_ttl_s, settings.plan_cache_rounds,
                             grace_s=settings.plan_grace_s, max_rounds=settings.plan_max_rounds,
                             wait_s=settings.round_wait_s)
-        app.state.service = ServiceState(settings, store, live, rounds, PlanLatency())
+        probe = RedisProbe(str(settings.redis_url), timeout_s=settings.ready_timeout_s)
+        app.state.service = ServiceState(settings, store, live, rounds, PlanLatency(), probe)
+        probe.start()
         live.start()
         yield
         live.stop()
+        probe.stop()
         store.client.close()
 
     app = FastAPI(title="hardbatch sampler", version="1", lifespan=lifespan,

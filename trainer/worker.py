@@ -635,8 +635,9 @@ class Worker:
     def summary(self) -> dict[str, Any]:
         """Since the last summary, over all ranks (a collective): mean scored loss
         (`train_loss`), kept fraction (`samp_perc`; 1 on a full step), examples trained
-        (`trained`), the step-cost curve of the first round (`step_cost`: `a + b n` seconds a
-        step of n samples, see `StepCurve`), the share of the
+        (`trained`), the examples scored (`scored`, counted here, apart from the loss store:
+        what a check of the store compares with), the step-cost curve of the first round
+        (`step_cost`: `a + b n` seconds a step of n samples, see `StepCurve`), the share of the
         batches' slots scored (`scored_perc`: below 1 with an adaptive plan size), mean loss
         share kept (`loss_perc`), `steps` per rank, the share of them the filter ran on
         (`filter_steps`), the cost model's switches of mode (`cost_switches`) and, once it
@@ -646,7 +647,8 @@ class Worker:
         self._stats[:] = 0
         out: dict[str, Any] = {
             "train_loss": loss_sum / max(scored, 1), "samp_perc": kept / max(scored, 1),
-            "trained": kept, "step_cost": StepCurve(curve).summary(self.batch_size),
+            "trained": kept, "scored": scored,
+            "step_cost": StepCurve(curve).summary(self.batch_size),
             "scored_perc": scored / max(steps * self.batch_size, 1),
             "loss_perc": share_sum / max(steps, 1), "steps": steps / self.world_size,
             "filter_steps": filtered / max(steps, 1), "cost_switches": 0.0}

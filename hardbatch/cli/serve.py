@@ -43,6 +43,7 @@ def serve_cmd(host: str | None, port: int | None, redis_url: str | None,
     SIGINT stop the service and the Redis it started, if it started one.
     """
     import uvicorn
+    from pydantic import ValidationError
 
     from hardbatch.services.core.config import Settings
     from hardbatch.services.main import create_app
@@ -52,8 +53,12 @@ def serve_cmd(host: str | None, port: int | None, redis_url: str | None,
     overrides: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     try:
         settings = Settings(**overrides)
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from None
+    except ValidationError as e:
+        # The reasons alone: pydantic's own text adds a type tag and a link per error.
+        raise click.UsageError("; ".join(
+            ": ".join([*(f"HARDBATCH_{str(x).upper()}" for x in err["loc"][:1]),
+                       str(err["msg"]).removeprefix("Value error, ")])
+            for err in e.errors())) from None
     if not insecure and settings.token() is None and not _loopback(settings.host):
         raise click.UsageError(
             f"refusing to listen on {settings.host} without a token: anyone who reaches it "

@@ -12,6 +12,7 @@ from hardbatch.services.core.config import Settings
 from hardbatch.services.live_runs import LiveRun, LiveRuns, RunNotReadyError
 from hardbatch.services.metrics import PlanLatency
 from hardbatch.services.plan_rounds import RoundStore
+from hardbatch.services.readiness import RedisProbe
 from hardbatch.services.store import LossStore, StoreError, UnknownRunError
 
 
@@ -24,6 +25,7 @@ class ServiceState:
     runs: LiveRuns
     rounds: RoundStore
     latency: PlanLatency
+    probe: RedisProbe
 
 
 def get_state(request: Request) -> ServiceState:

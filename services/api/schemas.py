@@ -265,6 +265,7 @@ class Readiness(BaseModel):
     ready: bool
     redis: bool
     runs: dict[str, str] = Field(description="run -> ready | loading | error message")
+    reason: str | None = Field(default=None, description="Why not ready (none when ready).")
 
 
 class ErrorBody(BaseModel):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from urllib.parse import unquote, urlsplit
+
 from hardbatch.sampler.plans import PlanConfig
+from hardbatch.services.core.secrets import secret_problem
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -16,7 +19,9 @@ class Settings(BaseSettings):
     `HARDBATCH_API_TOKEN`, `HARDBATCH_REDIS_URL`), or by the matching `hardbatch serve` flag.
     """
 
-    model_config = SettingsConfigDict(env_prefix="HARDBATCH_", extra="ignore")
+    # Errors never echo the input: it holds the token and the password.
+    model_config = SettingsConfigDict(env_prefix="HARDBATCH_", extra="ignore",
+                                      hide_input_in_errors=True)
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
@@ -27,6 +32,8 @@ class Settings(BaseSettings):
         default=None, description="Bearer token that state-changing endpoints need (none: open)."
     )
     auth_reads: bool = Field(default=False, description="Make read endpoints need the token too.")
+    redis_password: SecretStr | None = Field(
+        default=None, description="Filled into redis:// URLs that name no password.")
 
     # Limits on what one request may ask for.
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
@@ -63,6 +70,10 @@ class Settings(BaseSettings):
     redis_timeout_s: float = Field(
         default=5.0, gt=0, description="Redis socket timeout: a stalled Redis fails requests "
                                        "that need it (503) after this long instead of hanging.")
+    ready_timeout_s: float = Field(
+        default=0.5, gt=0, le=0.9,
+        description="Socket timeout of the background Redis ping /readyz reports: under 1 s, so "
+                    "a stalled Redis turns /readyz into a 503 within a second or so.")
 
     # Default plan config of a run (a run can override it through its plan-config endpoint);
     # the defaults are PlanConfig's own, so the two cannot drift apart.
@@ -77,6 +88,21 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check_plan_defaults(self) -> Settings:
         self.default_plan_config()  # raises ValueError with the reason
+        return self
+
+    @model_validator(mode="after")
+    def _refuse_placeholder_secrets(self) -> Settings:
+        given = {"HARDBATCH_API_TOKEN": self.api_token,
+                 "HARDBATCH_REDIS_PASSWORD": self.redis_password}
+        problems = [secret_problem(name, v.get_secret_value())
+                    for name, v in given.items() if v is not None]
+        url_password = urlsplit(self.redis_url or "").password
+        if url_password is not None:
+            problems.append(secret_problem("the password in HARDBATCH_REDIS_URL",
+                                           unquote(url_password)))
+        found = [p for p in problems if p]
+        if found:
+            raise ValueError("; ".join(found))
         return self
 
     def default_plan_config(self) -> PlanConfig:

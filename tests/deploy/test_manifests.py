@@ -419,3 +419,48 @@ def test_make_env_writes_a_redis_password_and_redis_refuses_to_run_open(tmp_path
     r = _run("redis.sh", {"HARDBATCH_REDIS_DATA": str(tmp_path / "data"),
                           "HARDBATCH_REDIS_BIND": "0.0.0.0"}, tmp_path)
     assert r.returncode == 2 and "HARDBATCH_REDIS_PASSWORD" in r.stderr, r.stderr
+
+
+# -- placeholders of the templates refused ------------------------------------------------------
+
+def _template_placeholders() -> list[tuple[str, str]]:
+    """(value, the file its message must name) for every secret the templates ship, and more."""
+    secret = yaml.safe_load((K8S / "secret.yaml").read_text())["stringData"]
+    example = dict(line.split("=", 1) for line in
+                   (DEPLOY / "hardbatch.env.example").read_text().splitlines()
+                   if "=" in line and not line.startswith("#"))
+    return ([(v, "deploy/k8s/secret.yaml") for v in secret.values()]
+            + [(v, "deploy/hardbatch.env.example") for k, v in example.items()
+               if k != "RAY_AUTH_MODE"]
+            + [("change-me", "deploy/make-env.sh"), ("", "deploy/make-env.sh")])
+
+
+@pytest.mark.parametrize(("value", "file"), _template_placeholders())
+def test_deploy_scripts_refuse_a_template_placeholder_or_empty_secret(
+        value: str, file: str, tmp_path: Path) -> None:
+    cases = [("sampler.sh", "HARDBATCH_API_TOKEN",
+              {"HARDBATCH_REDIS_URL": "redis://127.0.0.1:1/0", "HARDBATCH_WAIT_S": "1"}),
+             ("sampler.sh", "HARDBATCH_REDIS_PASSWORD",
+              {"HARDBATCH_REDIS_URL": "redis://127.0.0.1:1/0", "HARDBATCH_WAIT_S": "1"}),
+             ("redis.sh", "HARDBATCH_REDIS_PASSWORD",
+              {"HARDBATCH_REDIS_DATA": str(tmp_path / "data")}),
+             ("ray-head.sh", "RAY_AUTH_TOKEN", {}),
+             ("train-job.sh", "HARDBATCH_API_TOKEN", {"RAY_AUTH_MODE": "disabled"})]
+    for script, name, env in cases:
+        r = _run(script, {**env, name: value}, tmp_path)
+        assert r.returncode == 2 and name in r.stderr and file in r.stderr, (script, r.stderr)
+
+
+@pytest.mark.parametrize(("value", "file"), _template_placeholders())
+def test_service_settings_refuse_a_template_placeholder_or_empty_secret(
+        value: str, file: str) -> None:
+    from hardbatch.services.core.config import Settings
+
+    for kwargs in ({"api_token": value}, {"redis_password": value},
+                   {"redis_url": f"redis://:{value}@127.0.0.1:6380/0"} if value else {}):
+        if not kwargs:
+            continue
+        with pytest.raises(ValueError, match=re.escape(file)) as e:
+            Settings(**kwargs)
+        # Errors never echo the settings given (the other secrets among them).
+        assert "input_value" not in str(e.value)

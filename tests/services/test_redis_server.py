@@ -6,10 +6,13 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import redis
+from hardbatch.services import lifelines
 from hardbatch.services.redis_server import (
     ENV_URL,
     EmbeddedRedis,
@@ -128,3 +131,30 @@ def test_supervised_server_comes_back_with_its_data_after_a_crash(tmp_path) -> N
     finally:
         server.stop()
     assert not server.running
+
+
+def test_reap_removes_only_folders_whose_owner_is_gone(tmp_path: Path) -> None:
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead_pid = int(dead.stdout)  # exited and reaped: its pid names no process now
+    gone, mine, unclaimed = (tmp_path / f"hb-redis-{n}" for n in ("gone", "mine", "new"))
+    for folder in (gone, mine, unclaimed):
+        folder.mkdir()
+    (gone / lifelines.OWNER_FILE).write_text(str(dead_pid))
+    lifelines.claim(mine)
+    assert lifelines.reap(tmp_path, "hb-redis-*") == [gone]
+    assert not gone.exists() and mine.exists() and unclaimed.exists()
+
+
+def test_server_started_off_the_main_thread_outlives_that_thread() -> None:
+    # The parent-death signal follows the forking thread: it must not be set from here.
+    server = EmbeddedRedis()
+    t = threading.Thread(target=server.start)
+    t.start()
+    t.join()
+    try:
+        time.sleep(0.3)
+        assert server.running
+        assert redis.Redis.from_url(server.url).ping()
+    finally:
+        server.stop()

@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 from hardbatch.sampler.records import pack
-from hardbatch.services import keys
+from hardbatch.services import keys, lifelines
 from hardbatch.services.redis_server import EmbeddedRedis, free_port
 from hardbatch.services.store import LossStore
 
@@ -77,6 +77,38 @@ def test_healthz_answers_in_ms_while_redis_is_stopped(own_redis: EmbeddedRedis, 
         for t in slow:
             t.join(30)
         assert np.percentile(times, 99) < 0.05, sorted(times)[-5:]
+    finally:
+        os.kill(own_redis.process.pid, signal.SIGCONT)
+        svc.stop()
+
+
+def test_readyz_answers_503_within_a_second_while_redis_is_stopped(
+        own_redis: EmbeddedRedis, fill) -> None:
+    store = LossStore.from_url(own_redis.url)
+    fill(store, "probe", 1000, batches=2, per_batch=100)
+    # The requests' own Redis timeout is long: /readyz must not wait it out.
+    svc = start_service(own_redis.url, redis_timeout_s="5")
+    try:
+        svc.wait_ready(runs=("probe",))
+        os.kill(own_redis.process.pid, signal.SIGSTOP)
+        stalled_at = time.monotonic()
+        times, answers = [], []
+        with httpx.Client(base_url=svc.url, timeout=5) as c:
+            while time.monotonic() < stalled_at + 10.0:  # issue 28's bar: a 10 s stall
+                t0 = time.monotonic()
+                r = c.get("/readyz")
+                times.append(time.monotonic() - t0)
+                answers.append((t0 - stalled_at, r.status_code, r.json().get("reason")))
+                time.sleep(0.05)
+            os.kill(own_redis.process.pid, signal.SIGCONT)
+            assert max(times) < 1.0, sorted(times)[-5:]
+            # The probe's 0.5 s timeout: from then on every answer is a 503 with the reason.
+            late = [(code, why) for t, code, why in answers if t > 1.5]
+            assert late and all(code == 503 and why and why.startswith("redis")
+                                for code, why in late), late[:3]
+            _wait(lambda: c.get("/readyz").status_code == 200, timeout_s=10,
+                  what="/readyz to turn 200 after SIGCONT")
+            assert c.get("/readyz").json()["reason"] is None
     finally:
         os.kill(own_redis.process.pid, signal.SIGCONT)
         svc.stop()
@@ -212,6 +244,17 @@ def test_serve_refuses_a_public_address_without_a_token() -> None:
     assert r.returncode == 2 and "--insecure" in r.stderr, r.stderr
 
 
+def test_serve_refuses_the_secret_templates_placeholder_token() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HARDBATCH_")}
+    env["HARDBATCH_API_TOKEN"] = "REPLACE-WITH-ANOTHER-RANDOM-TOKEN"
+    r = subprocess.run(
+        [sys.executable, "-c", "from hardbatch.cli import main; main()", "serve",
+         "--redis-url", "redis://127.0.0.1:1/0"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "deploy/k8s/secret.yaml" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_serve_stops_its_embedded_redis_on_a_signal(sig: int, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HARDBATCH_")}
@@ -233,6 +276,42 @@ def test_serve_stops_its_embedded_redis_on_a_signal(sig: int, tmp_path: Path) ->
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_serve_sigkilled_leaves_no_redis_and_the_next_start_removes_its_folder(
+        tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HARDBATCH_")}
+    env.update(TMPDIR=str(tmp_path), HARDBATCH_API_TOKEN=TOKEN)
+
+    def serve() -> tuple[subprocess.Popen[bytes], Path]:
+        before = set(tmp_path.glob("hb-redis-*"))
+        port = free_port()
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "from hardbatch.cli import main; main()", "serve",
+             "--port", str(port), "--log-level", "warning"], cwd=REPO, env=env)
+        _wait(lambda: _up(port), what="service")
+        (folder,) = set(tmp_path.glob("hb-redis-*")) - before
+        return proc, folder
+
+    left = None
+    for _ in range(5):  # issue 28's bar: 5 kills, no redis-server and no folder left
+        proc, folder = serve()
+        assert left is None or not left.exists(), "the dead predecessor's folder is removed"
+        redis_pid = int((folder / lifelines.CHILD_FILE).read_text())
+        assert lifelines.pid_alive(redis_pid)
+        proc.kill()
+        proc.wait(10)
+        _wait(lambda pid=redis_pid: not lifelines.pid_alive(pid), timeout_s=10,
+              what="the embedded redis-server to die with its parent")
+        assert folder.exists(), "SIGKILL runs no cleanup: the next start must"
+        left = folder
+    last, _ = serve()
+    try:
+        assert not left.exists()
+    finally:
+        last.terminate()
+        last.wait(30)
+    assert not list(tmp_path.glob("hb-redis-*"))
 
 
 def _up(port: int) -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import redis
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, PlainTextResponse
 from hardbatch.services.api.deps import State, require_read
@@ -21,19 +20,22 @@ async def healthz() -> Health:
 
 @router.get("/readyz", response_model=Readiness,
             responses={503: {"model": Readiness, "description": "Not ready yet"}})
-def readyz(state: State) -> JSONResponse:
+async def readyz(state: State) -> JSONResponse:
     """Ready when Redis answers and every loaded run's table follows its log.
 
-    A run whose table is loading, failed to load, or whose background reads keep failing
-    (e.g. Redis out of memory) is listed with the reason, and makes the answer 503.
+    Answers at once whatever Redis does: the Redis part is the last outcome of a background
+    ping with a short timeout (`ready_timeout_s`), so a stalled Redis reads as a 503 with the
+    reason instead of a probe that times out. A run whose table is loading, failed to load,
+    or whose background reads keep failing (e.g. Redis out of memory) is listed with the
+    reason, and makes the answer 503.
     """
-    try:
-        redis_ok = bool(state.store.client.ping())
-    except redis.RedisError:
-        redis_ok = False
+    redis_ok, reason = state.probe.status()
     runs = {r.run: r.state for r in state.runs.loaded()}
-    ready = redis_ok and all(v == "ready" for v in runs.values())
-    body = Readiness(ready=ready, redis=redis_ok, runs=runs)
+    not_ready = {k: v for k, v in runs.items() if v != "ready"}
+    if reason is None and not_ready:
+        reason = "; ".join(f"run {k}: {v}" for k, v in sorted(not_ready.items()))
+    ready = redis_ok and not not_ready
+    body = Readiness(ready=ready, redis=redis_ok, runs=runs, reason=None if ready else reason)
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 
 
