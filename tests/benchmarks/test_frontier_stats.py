@@ -89,13 +89,20 @@ def test_budgets_are_passes_over_the_data_whatever_an_arm_plans_per_epoch():
     # plans that keep an epoch's steps on smaller batches get plain's epochs (its steps)
     assert got[("steps40", 4)] == 4 and got[("steps40_uniform", 4)] == 4
     assert arms["steps40"].scored_batch_size == 102 and arms["plain"].scored_batch_size == 256
-    # the default's adaptive plans keep full batches' slots and an epoch's steps
+    # the default's adaptive plans are packed: fewer, full batches, budgets still in passes
     assert arms["hardbatch"].plan_config().size_factor == 4.0
+    assert arms["hardbatch"].plan_config().packed and not arms["unpacked"].plan_config().packed
     assert got[("fixed_size", 4)] == 4 and arms["fixed_size"].plan_config().size_factor == 0.0
     # plain trains every example of every pass, whatever the default plans per epoch
     half_default = arm_jobs(dataclasses.replace(base, plan_fraction=0.5))
     assert half_default["plain"].plan_fraction == 1.0 and not half_default["plain"].filter
-    assert all(p["config"].endswith(f"/{p['epochs']}ep") for p in plan)
+    assert all(p["config"].endswith(f"/{p['epochs']}ep/lr{p['lr']:g}") for p in plan)
+    # three learning rates for plain and hardbatch, the default's alone for an ablation
+    assert {p["lr"] for p in plan if p["arm"] in ("plain", "hardbatch")} == {0.005, 0.01, 0.02}
+    assert {p["lr"] for p in plan if p["arm"] == "uniform"} == {0.01}
+    # two workers: plain DDP also at one process's global batch
+    two = schedule(arms, Scale(100, 8, 10, (2,), (2,), 4), [0], ["fp32"], workers=2)
+    assert {p.get("batch_size") for p in two if p["arm"] == "plain"} == {None, 5}
     # an ablation equal to the default shares its runs
     same = arm_jobs(dataclasses.replace(base, plan_fraction=0.5, beta=0.0, size_factor=0.0))
     assert not any(p["arm"] == "half" for p in schedule(same, Scale(100, 8, 10, (2,), (4,), 4),
