@@ -42,7 +42,7 @@ Example:
     >>> cm.decide(4).value
     'full'
 
-Pure Python, no I/O.
+Pure Python and numpy, no I/O.
 """
 
 from __future__ import annotations
@@ -52,6 +52,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+import numpy as np
 
 #: The fixed share `o` is fitted only from filtered steps keeping less than this: near s = 1 a
 #: step's timing noise is multiplied by 1 / (1 - s) (MNIST-1D's first epoch, s ~ 0.76, read o ~
@@ -313,60 +315,71 @@ def _ema(old: float | None, new: float, keep: float) -> float:
 
 @dataclass
 class StepCurve:
-    """A training step's cost as a line in its sample count, `time(n) = a + b n`, fitted by
-    least squares from measured steps (issue 25: measure the curve, don't assume it).
+    """A training step's cost as a line in its sample count, `time(n) = a + b n`, fitted from
+    measured steps (issue 25: measure the curve, don't assume it).
 
-    `a` is what a step costs whatever it trains (the optimizer update, kernel launches, a GPU's
-    small-model floor), `b` each sample's share. Shrinking a batch to its kept share `s` saves
-    `b (1 - s) B` of a step's `a + b B`, and scoring costs `score_s`: the in-batch filter pays
-    only where `score_s < b (1 - s) B`. The sums are plain numbers, so ranks add theirs up (one
-    all-reduce) and fit one curve.
+    `a` is what a step costs whatever it trains (the optimizer update, loading the batch,
+    kernel launches, a GPU's small-model floor), `b` each sample's share. Shrinking a batch to
+    its kept share `s` saves `b (1 - s) B` of a step's `a + b B`, and scoring costs `score_s`:
+    the in-batch filter pays only where `score_s < b (1 - s) B`.
+
+    The fit is robust (Theil-Sen: the median of the slopes between pairs of steps, the median
+    intercept), so a few slow steps (a garbage collection, a first-call allocation, another
+    process taking the core) do not tilt it, and the scoring time is a median. Each rank fits
+    its own steps; `estimate()` gives numbers that ranks add up (one all-reduce) and `verdict`
+    averages them.
 
     Example:
         >>> c = StepCurve()
-        >>> for n in (64, 128, 256, 256):
+        >>> for n in (64, 128, 256, 256, 200):
         ...     c.add(n, 0.002 + 1e-5 * n, score_s=0.001)
+        >>> c.add(128, 0.5)  # an outlier: a step that waited on something else
         >>> a, b = c.fit()
         >>> round(a, 6), round(b, 8), c.score_s
         (0.002, 1e-05, 0.001)
     """
 
-    #: count, sum n, sum t, sum n^2, sum n t, sum score_s
-    sums: list[float] = field(default_factory=lambda: [0.0] * 6)
+    samples: list[tuple[float, float, float]] = field(default_factory=list)  # n, train s, score s
 
     def add(self, n: float, train_s: float, score_s: float = 0.0) -> None:
-        for i, v in enumerate((1.0, n, train_s, n * n, n * train_s, score_s)):
-            self.sums[i] += v
+        self.samples.append((float(n), float(train_s), float(score_s)))
 
     @property
     def steps(self) -> int:
-        return int(self.sums[0])
+        return len(self.samples)
 
     @property
     def score_s(self) -> float:
-        return self.sums[5] / self.sums[0] if self.sums[0] else 0.0
+        """Median scoring time of the steps that scored (0 if none did)."""
+        scores = sorted(s for _, _, s in self.samples if s > 0)
+        return scores[len(scores) // 2] if scores else 0.0
 
     def fit(self) -> tuple[float, float] | None:
         """(a, b), or None before two distinct sample counts were measured (all steps full:
         the slope cannot be told from the intercept)."""
-        k, sn, st, snn, snt, _ = self.sums
-        var = k * snn - sn * sn
-        if k < 2 or var <= 1e-9 * max(snn * k, 1.0):
+        if len(self.samples) < 2:
             return None
-        b = (k * snt - sn * st) / var
-        return (st - b * sn) / k, b
+        n, t, _ = np.asarray(self.samples, dtype=np.float64).T
+        dn = n[None, :] - n[:, None]
+        pairs = np.triu(np.abs(dn) > 1e-9 * max(float(np.abs(n).max()), 1.0), k=1)
+        if not pairs.any():
+            return None
+        b = float(np.median(((t[None, :] - t[:, None])[pairs]) / dn[pairs]))
+        return float(np.median(t - b * n)), b
 
-    def summary(self, batch_size: int) -> dict[str, float | None]:
-        """a, b, the scoring forward's mean seconds, steps measured and `shrink_pays_below`:
-        the kept share under which a filtered step is cheaper than a full one by this curve
-        (0: never; None: not known)."""
+    def estimate(self) -> list[float]:
+        """`[a, b, score_s, 1]` to add up over ranks, or zeros where nothing is known."""
         ab = self.fit()
-        out: dict[str, float | None] = {"a": None, "b": None, "score_s": self.score_s,
-                                        "steps": float(self.steps), "shrink_pays_below": None,
-                                        "mean_s": self.sums[2] / self.sums[0] if self.sums[0]
-                                        else None}
-        if ab is not None:
-            a, b = ab
-            out.update(a=a, b=b, shrink_pays_below=(
-                max(0.0, 1.0 - self.score_s / (b * batch_size)) if b > 0 else 0.0))
-        return out
+        return [0.0] * 4 if ab is None else [*ab, self.score_s, 1.0]
+
+    @staticmethod
+    def verdict(estimates: Sequence[float], batch_size: int) -> dict[str, float | None]:
+        """From `estimate()`s added up over ranks: the mean a, b and scoring seconds, and
+        `shrink_pays_below`, the kept share under which a filtered step is cheaper than a full
+        one by the curve (0: never; None: not known)."""
+        a_sum, b_sum, score_sum, known = estimates
+        if known <= 0:
+            return {"a": None, "b": None, "score_s": None, "shrink_pays_below": None}
+        a, b, score = a_sum / known, b_sum / known, score_sum / known
+        pays = max(0.0, 1.0 - score / (b * batch_size)) if b > 0 else 0.0
+        return {"a": a, "b": b, "score_s": score, "shrink_pays_below": pays}

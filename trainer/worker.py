@@ -406,8 +406,9 @@ class Worker:
         if callable(score) and self._probe_scoring:
             self._probe_scoring = False
             self._score_dtype = self._probe(score)
+            measuring = False  # the probe's time is not this step's cost
             if costs is not None:
-                costs.interrupt()  # the probe's time is not this step's cost
+                costs.interrupt()
         tick = time.perf_counter()
         if callable(score):
             with torch.inference_mode(), self._score_autocast(self._score_dtype):
@@ -508,16 +509,16 @@ class Worker:
         curve_due = (self.config.step_curve and self._shrink_below is None
                      and self.sampler.current is not self._curve_round)
         kept, scored, *curve = self._reduce(self._gate_counts.tolist()
-                                            + (self.curve.sums if curve_due else []))
+                                            + (self.curve.estimate() if curve_due else []))
         if curve_due:
             # The first round is measured: from here the filter runs only below the kept
             # share where a shrunk step is cheaper than a full one by its curve (0 where
             # shrinking never pays), and where the gate says so.
-            verdict = StepCurve(curve).summary(self.batch_size)["shrink_pays_below"]
-            self._shrink_below = 1.0 if verdict is None else verdict
+            verdict = StepCurve.verdict(curve, self.batch_size)
+            pays = verdict["shrink_pays_below"]
+            self._shrink_below = 1.0 if pays is None else pays
             log.info("step cost curve of round 0: %s; the filter runs below a kept share of "
-                     "%.2f", StepCurve(curve).summary(self.batch_size),
-                     min(self._shrink_below, gate.max_kept))
+                     "%.2f", verdict, min(self._shrink_below, gate.max_kept))
         if scored > 0:
             self._gate_shares = [*self._gate_shares[-gate.windows:], kept / scored]
             filters = gate.filters(self._gate_shares) and (
@@ -643,12 +644,13 @@ class Worker:
         (`filter_steps`), the cost model's switches of mode (`cost_switches`) and, once it
         measured both modes, its `predicted_ratio` (a filtered step's cost over a full one)."""
         loss_sum, scored, kept, share_sum, steps, filtered, *curve = self.all_reduce(
-            self._stats.tolist() + self.curve.sums)
+            self._stats.tolist() + self.curve.estimate())
         self._stats[:] = 0
         out: dict[str, Any] = {
             "train_loss": loss_sum / max(scored, 1), "samp_perc": kept / max(scored, 1),
             "trained": kept, "scored": scored,
-            "step_cost": StepCurve(curve).summary(self.batch_size),
+            "step_cost": {**StepCurve.verdict(curve, self.batch_size),
+                          "steps": float(self.curve.steps)},
             "scored_perc": scored / max(steps * self.batch_size, 1),
             "loss_perc": share_sum / max(steps, 1), "steps": steps / self.world_size,
             "filter_steps": filtered / max(steps, 1), "cost_switches": 0.0}

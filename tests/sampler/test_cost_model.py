@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 from hardbatch.sampler.cost_model import FIT_BELOW, CostModel, CostModelConfig, Mode
 
@@ -176,3 +177,31 @@ def test_kept_gate_filters_where_the_kept_share_is_low_or_falling_towards_low():
     for bad in ({"max_kept": 0.0}, {"max_kept": 1.5}, {"windows": 0}):
         with pytest.raises(ValueError):
             KeptGate(**bad)
+
+
+def test_step_curve_fits_a_line_through_slow_outliers_and_says_where_shrinking_pays():
+    from hardbatch.sampler.cost_model import StepCurve
+
+    rng = np.random.default_rng(0)
+    c = StepCurve()
+    assert c.fit() is None and c.estimate() == [0.0] * 4
+    for _ in range(30):
+        c.add(256, 0.012 + 256 * 4e-5 + rng.normal(0, 2e-4))  # full steps: no slope yet
+    assert c.fit() is None  # one sample count: the slope is unknown
+    for n in rng.integers(40, 240, 150):
+        c.add(int(n), 0.012 + n * 4e-5 + rng.normal(0, 2e-4), score_s=0.004)
+    for n in (60, 200, 120):
+        c.add(n, 0.3)  # a garbage collection, another process on the core
+    a, b = c.fit()
+    assert a == pytest.approx(0.012, abs=5e-4) and b == pytest.approx(4e-5, rel=0.05)
+    v = StepCurve.verdict(c.estimate(), 256)
+    assert v["shrink_pays_below"] == pytest.approx(1 - 0.004 / (b * 256))
+    # two ranks' estimates add up to their mean; a rank that knows nothing does not count
+    two = [x + y for x, y in zip(c.estimate(), StepCurve().estimate(), strict=True)]
+    assert StepCurve.verdict(two, 256) == v
+    # a step that costs the same at any size: shrinking never pays
+    flat = StepCurve()
+    for n in (32, 64, 128, 256):
+        flat.add(n, 0.01, score_s=0.002)
+    assert StepCurve.verdict(flat.estimate(), 256)["shrink_pays_below"] == 0.0
+    assert StepCurve.verdict([0.0] * 4, 256)["shrink_pays_below"] is None

@@ -222,7 +222,7 @@ def test_the_step_cost_curve_of_round_0_keeps_the_filter_off_where_shrinking_can
         assert (one["filter_steps"] > 0) == filters
         assert hb.state_dict()["filter_gate"]["shrink_below"] == (
             0.0 if b == 0 else pytest.approx(1 - 0.001 / (b * 16)))
-        assert one["step_cost"]["steps"] == 4
+        assert one["step_cost"]["steps"] == 4 and one["step_cost"]["b"] == pytest.approx(b)
 
 
 @pytest.mark.parametrize("slow", ["bf16", "fp32"])
