@@ -23,7 +23,8 @@ uniform plans (its same-size control), `fixed_size` the default before plan size
 (`size_factor=0`: plans over all the data, which the service only orders, with weights),
 `unpacked` the default before plans were packed (`packed=False`: every epoch keeps its steps
 and each batch shrinks to what the plan trains), `no_filter` packed plans without the in-batch
-loss filter (`filter=False`: what the filter adds on top of the plans);
+loss filter (`filter=False`: what the filter adds on top of the plans), `no_curve` the same
+without the step-cost curve's say (`step_curve=False`: the kept-share gate alone decides);
 steps40 arms train as many epochs as plain (the same steps), the other plan-fraction arms
 `passes / plan_fraction` epochs.
 An ablation identical to the default is not trained again: it shares the default's runs, and
@@ -76,6 +77,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "fixed_size": {**FIXED, "beta": 1.0},
     "unpacked": {"packed": False},
     "no_filter": {"filter": False},
+    "no_curve": {"step_curve": False},
 }
 ARMS = ("plain", "hardbatch", *ABLATIONS)
 # Each arm with a composition against its same-size uniform control.
