@@ -24,7 +24,8 @@ uniform plans (its same-size control), `fixed_size` the default before plan size
 `unpacked` the default before plans were packed (`packed=False`: every epoch keeps its steps
 and each batch shrinks to what the plan trains), `no_filter` packed plans without the in-batch
 loss filter (`filter=False`: what the filter adds on top of the plans), `no_curve` the same
-without the step-cost curve's say (`step_curve=False`: the kept-share gate alone decides);
+without the step-cost curve's say (`step_curve=False`: the kept-share gate alone decides; the
+default since the MNIST-1D frontier of d4c075a) and `curve` with it (`step_curve=True`);
 steps40 arms train as many epochs as plain (the same steps), the other plan-fraction arms
 `passes / plan_fraction` epochs.
 An ablation identical to the default is not trained again: it shares the default's runs, and
@@ -78,6 +79,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "unpacked": {"packed": False},
     "no_filter": {"filter": False},
     "no_curve": {"step_curve": False},
+    "curve": {"step_curve": True},
 }
 ARMS = ("plain", "hardbatch", *ABLATIONS)
 # Each arm with a composition against its same-size uniform control.

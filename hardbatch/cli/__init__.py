@@ -52,7 +52,8 @@ def main() -> None:
 @click.option("--ablations", default=None, metavar="A,B",
               help="frontier: ablation arms to train, comma-separated, from uniform, "
                    "half, half_weighted, half_uniform, half_uncertain, cost_model, no_gate, "
-                   "no_guard, steps40, steps40_uniform, fixed_size, unpacked, no_filter, no_curve "
+                   "no_guard, steps40, steps40_uniform, fixed_size, unpacked, no_filter, no_curve, "
+                   "curve "
                    "('' for none) "
                    "[default: all].")
 @click.option("--budgets", default=None, metavar="N,M",

@@ -59,7 +59,7 @@ def test_quick_frontier_on_mnist1d_in_one_process(tmp_path):
     assert saved["arms"] == ["plain", "hardbatch", "uniform", "half", "half_weighted",
                              "half_uniform", "half_uncertain", "cost_model", "no_gate",
                              "no_guard", "steps40", "steps40_uniform", "fixed_size",
-                             "unpacked", "no_filter", "no_curve"]
+                             "unpacked", "no_filter", "no_curve", "curve"]
     assert saved["workers"] == 1 and saved["task_name"] == "mnist1d"
     # every composition against its same-size uniform control
     assert [(v["arm"], v["control"]) for v in saved["composition"]] == [

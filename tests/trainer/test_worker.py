@@ -203,7 +203,8 @@ def test_the_step_cost_curve_of_round_0_keeps_the_filter_off_where_shrinking_can
 
     peaked = torch.full((16,), 0.01)
     peaked[0] = 100.0  # 1 of 16 carries the loss: the kept share says filter
-    with Worker(WorkerConfig(score_precision="fp32"), data(128), batch_size=16) as hb:
+    config = WorkerConfig(score_precision="fp32", step_curve=True)
+    with Worker(config, data(128), batch_size=16) as hb:
         for ids, _ in hb.batches(0):
             keep = hb.select(ids, peaked)
             hb.loss(peaked[keep])
