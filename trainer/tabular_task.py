@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from hardbatch.trainer.task import Task, TaskArgs, check_extra, flip_labels, noise_share
+from hardbatch.trainer.task import Task, TaskArgs, generated_task
 from torch import nn
-from torch.utils.data import TensorDataset
 
-VAL_SAMPLES = 10_000
 NUMERIC = 24  # numeric columns; the first INFORMATIVE carry the label, the rest are noise
 INFORMATIVE = 12
 CATEGORICAL = 4  # categorical columns with LEVELS levels each, all informative
@@ -88,18 +86,5 @@ def make(args: TaskArgs) -> Task:
     init and data order); `--task-arg noise=0.2` flips 20% of the training labels to another
     class (validation stays clean) and lists them in `Task.noisy_ids`.
     """
-    check_extra(args.extra, ("data_seed", "noise"), "tabular")
-    if args.num_samples < 1 or args.width < 1:
-        raise ValueError(f"num_samples and width must be >= 1, got {args.num_samples}, "
-                         f"{args.width}")
-    num_val = min(VAL_SAMPLES, max(args.num_samples // 5, 100))
-    data_seed = int(args.extra.get("data_seed", 42))
-    a = make_arrays(args.num_samples, num_val, data_seed)
-    y, noisy = flip_labels(a["y"], noise_share(args.extra), CLASSES, seed=data_seed)
-    torch.manual_seed(args.seed)
-    return Task(
-        model=MLP(a["x"].shape[1], args.width, CLASSES),
-        train=TensorDataset(torch.from_numpy(a["x"]), torch.from_numpy(y)),
-        val=TensorDataset(torch.from_numpy(a["x_val"]), torch.from_numpy(a["y_val"])),
-        num_classes=CLASSES, noisy_ids=noisy,
-    )
+    return generated_task(args, "tabular", make_arrays,
+                          lambda a: MLP(a["x"].shape[1], args.width, CLASSES), CLASSES)

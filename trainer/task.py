@@ -254,3 +254,25 @@ def flip_labels(y: np.ndarray, share: float, num_classes: int,
     flipped = y.copy()
     flipped[ids] = (y[ids] + rng.integers(1, num_classes, size=len(ids))) % num_classes
     return flipped, ids
+
+
+def generated_task(args: TaskArgs, name: str, arrays: Callable[[int, int, int], dict[str, Any]],
+                   model: Callable[[dict[str, Any]], nn.Module], classes: int) -> Task:
+    """A task over generated arrays (`x`, `y`, `x_val`, `y_val`) with the built-in tasks'
+    `data_seed` and `noise` arguments: up to 10,000 validation rows, labels flipped on request,
+    the model built after seeding with the run's seed."""
+    check_extra(args.extra, ("data_seed", "noise"), name)
+    if args.num_samples < 1 or args.width < 1:
+        raise ValueError(f"num_samples and width must be >= 1, got {args.num_samples}, "
+                         f"{args.width}")
+    num_val = min(10_000, max(args.num_samples // 5, 100))
+    data_seed = int(args.extra.get("data_seed", 42))
+    a = arrays(args.num_samples, num_val, data_seed)
+    y, noisy = flip_labels(a["y"], noise_share(args.extra), classes, seed=data_seed)
+    torch.manual_seed(args.seed)
+    return Task(
+        model=model(a),
+        train=TensorDataset(torch.from_numpy(a["x"]), torch.from_numpy(y)),
+        val=TensorDataset(torch.from_numpy(a["x_val"]), torch.from_numpy(a["y_val"])),
+        num_classes=classes, noisy_ids=noisy,
+    )
